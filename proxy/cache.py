@@ -1,0 +1,417 @@
+"""The caching policy: local first, then one upstream request, verify, store, record.
+
+Handlers ask this module for typed things (a manifest, a blob, a tag list) and get typed
+answers or a `RegistryError`; it alone decides when the upstream is asked, when a stale copy
+stands in for an unreachable upstream, and what enters the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from yarl import URL
+
+from . import errors
+from .errors import RegistryError, UpstreamError
+from .flight import CHUNK_SIZE, BlobDownload, SingleFlight
+from .manifest import ACCEPT_ALL, MAX_MANIFEST_SIZE, Manifest, acceptable, read_manifest
+from .metadata import ItemRecord, Metadata, TagRecord
+from .reference import Digest, Tag, Target
+from .settings import Settings
+from .store import BlobStore
+from .upstream import UpstreamClient
+
+__all__ = ["Cache", "LocalBlob", "Page", "paginate"]
+
+log = logging.getLogger(__name__)
+
+# How often, at most, the cache says that it serves stale content for an unreachable upstream.
+_STALE_WARNING_INTERVAL: Final = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class LocalBlob:
+    """A verified blob in the store."""
+
+    digest: Digest
+    path: Path
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a listing, and the `last` to continue from when there is more."""
+
+    items: list[str]
+    next_last: str | None
+
+
+def paginate(items: list[str], n: int | None, last: str | None) -> Page:
+    """The spec's `n`/`last` pagination over a sorted list (distribution-spec, "Listing Tags")."""
+    if last is not None:
+        items = [item for item in items if item > last]
+    if n is None or n >= len(items):
+        return Page(items, None)
+    page = items[:n]
+    return Page(page, page[-1] if page else None)
+
+
+def upstream_failure(exc: UpstreamError, unknown: errors.ErrorCode) -> RegistryError:
+    """What a client sees when the upstream failed and nothing cached can stand in."""
+    if isinstance(exc, errors.UpstreamNotFound):
+        return RegistryError(unknown)
+    if isinstance(exc, errors.UpstreamRateLimited):
+        headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+        return RegistryError(errors.TOOMANYREQUESTS, str(exc), headers=headers)
+    if isinstance(exc, errors.UpstreamUnauthorized):
+        code = errors.DENIED if exc.status == 403 else errors.UNAUTHORIZED
+        return RegistryError(code, f"the upstream refused the cache's credentials: {exc}")
+    if isinstance(exc, errors.UpstreamUnavailable):
+        return RegistryError(errors.UNAVAILABLE, str(exc))
+    return RegistryError(errors.UNAVAILABLE, str(exc), status=502)
+
+
+class Cache:
+    """One per process: owns the downloads in flight and the upstream clients."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: BlobStore,
+        metadata: Metadata,
+        upstreams: Mapping[str, UpstreamClient],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.metadata = metadata
+        self.upstreams = upstreams
+        self.downloads: dict[Digest, BlobDownload] = {}
+        self._download_tasks: set[asyncio.Task[None]] = set()
+        self._manifest_flights: SingleFlight[tuple[object, ...], Manifest] = SingleFlight()
+        self._stale_warned: dict[str, float] = {}
+
+    async def readiness_problems(self) -> list[str]:
+        """What keeps the cache from serving well: an unwritable store or a closed database."""
+        problems = []
+        if not await asyncio.to_thread(self.store.writable):
+            problems.append(f"storage {self.store.root} is not writable")
+        if not self.metadata.is_open:
+            problems.append("metadata database is not open")
+        return problems
+
+    async def close(self) -> None:
+        """Let downloads in flight finish (they are bounded by the upstream timeouts)."""
+        if self._download_tasks:
+            await asyncio.gather(*self._download_tasks, return_exceptions=True)
+
+    # -- manifests ---------------------------------------------------------------------------
+
+    async def manifest(
+        self, target: Target, reference: Tag | Digest, accept: tuple[str, ...]
+    ) -> Manifest:
+        """The manifest a GET or HEAD of `reference` answers with."""
+        if isinstance(reference, Digest):
+            return await self._manifest_by_digest(target, reference)
+        ttl = self.upstreams[target.upstream].settings.manifest_ttl
+        record = await self.metadata.tag(target.upstream, target.repository, reference.value)
+        if record is not None and time.time() - record.checked_at < ttl:
+            local = await self._local_manifest(Digest.parse(record.digest))
+            if local is not None and acceptable(local.media_type, accept):
+                self.metadata.touch(record.digest)
+                return local
+        key = ("tag", target.upstream, target.repository, reference.value, accept)
+        return await self._manifest_flights.do(
+            key, lambda: self._refresh_tag(target, reference, accept, record)
+        )
+
+    async def _local_manifest(self, digest: Digest) -> Manifest | None:
+        record = await self.metadata.item(str(digest))
+        if record is None or record.kind != "manifest" or record.media_type is None:
+            return None
+        data = self.store.read(digest)
+        if data is None:
+            self.metadata.forget_cached(str(digest))
+            return None
+        return Manifest(digest, record.media_type, data)
+
+    async def _manifest_by_digest(self, target: Target, digest: Digest) -> Manifest:
+        local = await self._local_manifest(digest)
+        if local is not None:
+            self.metadata.touch(str(digest))
+            return local
+        key = ("digest", target.upstream, digest)
+        try:
+            return await self._manifest_flights.do(
+                key, lambda: self._fetch_manifest(target, str(digest), ACCEPT_ALL, digest)
+            )
+        except UpstreamError as exc:
+            raise upstream_failure(exc, errors.MANIFEST_UNKNOWN) from None
+
+    async def _refresh_tag(
+        self,
+        target: Target,
+        tag: Tag,
+        accept: tuple[str, ...],
+        record: TagRecord | None,
+    ) -> Manifest:
+        """Revalidate a tag with a HEAD (free on Docker Hub), fetching only what changed."""
+        local = await self._local_manifest(Digest.parse(record.digest)) if record else None
+        try:
+            if local is not None and acceptable(local.media_type, accept):
+                current = await self._head_manifest_digest(target, tag, accept)
+                if current == local.digest:
+                    manifest = local
+                elif current is not None:
+                    manifest = await self._manifest_by_digest(target, current)
+                else:
+                    manifest = await self._fetch_manifest(target, tag.value, accept or ACCEPT_ALL)
+            else:
+                manifest = await self._fetch_manifest(target, tag.value, accept or ACCEPT_ALL)
+        except UpstreamError as exc:
+            if local is not None and not isinstance(exc, errors.UpstreamNotFound):
+                self._warn_stale(target.upstream, exc)
+                self.metadata.touch(str(local.digest))
+                return local
+            raise upstream_failure(exc, errors.MANIFEST_UNKNOWN) from None
+        if local is None or acceptable(local.media_type, accept):
+            # A variant fetched for a client with a narrow Accept does not move the tag.
+            await self.metadata.set_tag(
+                target.upstream,
+                target.repository,
+                tag.value,
+                TagRecord(str(manifest.digest), time.time()),
+            )
+        self.metadata.touch(str(manifest.digest))
+        return manifest
+
+    async def _head_manifest_digest(
+        self, target: Target, tag: Tag, accept: tuple[str, ...]
+    ) -> Digest | None:
+        upstream = self.upstreams[target.upstream]
+        headers = {"Accept": ", ".join(accept or ACCEPT_ALL)}
+        async with upstream.open(
+            "HEAD",
+            f"{target.repository}/manifests/{tag}",
+            repository=target.repository,
+            headers=headers,
+        ) as response:
+            header = response.headers.get("Docker-Content-Digest")
+        try:
+            return Digest.parse(header) if header else None
+        except RegistryError:
+            return None
+
+    async def _fetch_manifest(
+        self,
+        target: Target,
+        reference: str,
+        accept: tuple[str, ...],
+        expected: Digest | None = None,
+    ) -> Manifest:
+        """GET a manifest from the upstream, verify it and store it."""
+        upstream = self.upstreams[target.upstream]
+        headers = {"Accept": ", ".join(accept)}
+        async with upstream.open(
+            "GET",
+            f"{target.repository}/manifests/{reference}",
+            repository=target.repository,
+            headers=headers,
+        ) as response:
+            declared = response.content_length
+            if declared is not None and declared > MAX_MANIFEST_SIZE:
+                raise RegistryError(errors.MANIFEST_INVALID, "upstream manifest exceeds 4 MiB")
+            data = await response.content.read(MAX_MANIFEST_SIZE + 1)
+            if len(data) > MAX_MANIFEST_SIZE:
+                raise RegistryError(errors.MANIFEST_INVALID, "upstream manifest exceeds 4 MiB")
+            content_type = response.headers.get("Content-Type")
+            header_digest = response.headers.get("Docker-Content-Digest")
+        digest = self._verify_manifest(data, expected, header_digest)
+        media_type, children = read_manifest(data, content_type)
+        await asyncio.to_thread(self.store.write, digest, data)
+        await self.metadata.add_item(
+            ItemRecord(str(digest), "manifest", len(data), media_type),
+            target.upstream,
+            target.repository,
+            children,
+        )
+        return Manifest(digest, media_type, data)
+
+    @staticmethod
+    def _verify_manifest(data: bytes, expected: Digest | None, header: str | None) -> Digest:
+        """The digest the manifest is stored under; it must match every claim made about it."""
+        claimed = expected
+        if claimed is None and header:
+            try:
+                claimed = Digest.parse(header)
+            except RegistryError:
+                claimed = None
+        actual = Digest.of(data, claimed.algorithm if claimed else "sha256")
+        if claimed is not None and actual != claimed:
+            raise RegistryError(
+                errors.DIGEST_INVALID,
+                f"upstream manifest does not match its digest {claimed}",
+                status=502,
+            )
+        return actual
+
+    def _warn_stale(self, upstream: str, exc: Exception) -> None:
+        now = time.monotonic()
+        if (
+            now - self._stale_warned.get(upstream, -_STALE_WARNING_INTERVAL)
+            >= _STALE_WARNING_INTERVAL
+        ):
+            self._stale_warned[upstream] = now
+            log.warning("upstream %s unavailable, serving cached content: %s", upstream, exc)
+
+    # -- blobs -------------------------------------------------------------------------------
+
+    def local_blob(self, digest: Digest) -> LocalBlob | None:
+        size = self.store.size(digest)
+        if size is None:
+            return None
+        self.metadata.touch(str(digest))
+        return LocalBlob(digest, self.store.path(digest), size)
+
+    def blob(self, target: Target, digest: Digest) -> LocalBlob | BlobDownload:
+        """The stored blob, or the download that is bringing it in (started if need be)."""
+        local = self.local_blob(digest)
+        if local is not None:
+            return local
+        download = self.downloads.get(digest)
+        if download is None:
+            download = BlobDownload(digest, self.store.temp_path())
+            self.downloads[digest] = download
+            task = asyncio.create_task(self._download(target, download))
+            self._download_tasks.add(task)
+            task.add_done_callback(self._download_tasks.discard)
+        return download
+
+    async def blob_size(self, target: Target, digest: Digest) -> int | None:
+        """What a blob HEAD answers: the size, from the store, a download, or an upstream HEAD."""
+        local = self.local_blob(digest)
+        if local is not None:
+            return local.size
+        download = self.downloads.get(digest)
+        if download is not None and download.size is not None:
+            return download.size
+        upstream = self.upstreams[target.upstream]
+        try:
+            async with upstream.open(
+                "HEAD", f"{target.repository}/blobs/{digest}", repository=target.repository
+            ) as response:
+                return response.content_length
+        except UpstreamError as exc:
+            raise upstream_failure(exc, errors.BLOB_UNKNOWN) from None
+
+    async def _download(self, target: Target, download: BlobDownload) -> None:
+        """Fetch a blob into the store, feeding its readers as it comes."""
+        digest = download.digest
+        upstream = self.upstreams[target.upstream]
+        try:
+            async with upstream.open(
+                "GET", f"{target.repository}/blobs/{digest}", repository=target.repository
+            ) as response:
+                download.start(response.content_length)
+                buffer = bytearray()
+                async for chunk in response.content.iter_chunked(CHUNK_SIZE):
+                    buffer += chunk
+                    if len(buffer) >= CHUNK_SIZE:
+                        await download.append(bytes(buffer))
+                        buffer.clear()
+                if buffer:
+                    await download.append(bytes(buffer))
+            download.verify()
+        except UpstreamError as exc:
+            self.downloads.pop(digest, None)
+            download.fail(upstream_failure(exc, errors.BLOB_UNKNOWN))
+            log.warning("download of %s from %s failed: %s", digest, target.upstream, exc)
+            return
+        except Exception as exc:
+            self.downloads.pop(digest, None)
+            download.fail(exc)
+            log.warning("download of %s from %s failed: %s", digest, target.upstream, exc)
+            return
+        download.succeed()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, download.sync)
+            self.store.commit(download.temp_path, digest)
+            await self.metadata.add_item(
+                ItemRecord(str(digest), "blob", download.written, None),
+                target.upstream,
+                target.repository,
+            )
+        except OSError as exc:
+            log.error("could not store %s: %s", digest, exc)
+            with contextlib.suppress(FileNotFoundError):
+                download.temp_path.unlink()
+        finally:
+            self.downloads.pop(digest, None)
+            download.release()
+
+    # -- listings ----------------------------------------------------------------------------
+
+    async def tags(self, target: Target, n: int | None, last: str | None) -> Page:
+        """The upstream's tag list, or the tags we know when the upstream is unreachable."""
+        upstream = self.upstreams[target.upstream]
+        params = {key: str(value) for key, value in (("n", n), ("last", last)) if value is not None}
+        try:
+            async with upstream.open(
+                "GET", f"{target.repository}/tags/list", repository=target.repository, params=params
+            ) as response:
+                document = json.loads(await response.content.read(MAX_MANIFEST_SIZE))
+                link = response.headers.get("Link")
+        except UpstreamError as exc:
+            if isinstance(exc, errors.UpstreamNotFound):
+                raise RegistryError(errors.NAME_UNKNOWN) from None
+            known = await self.metadata.tags(target.upstream, target.repository)
+            if not known:
+                raise upstream_failure(exc, errors.NAME_UNKNOWN) from None
+            self._warn_stale(target.upstream, exc)
+            return paginate(known, n, last)
+        except ValueError:
+            raise RegistryError(
+                errors.UNAVAILABLE, "upstream tag list is not JSON", status=502
+            ) from None
+        tags = document.get("tags") if isinstance(document, dict) else None
+        listed = [tag for tag in tags or [] if isinstance(tag, str)]
+        return Page(listed, _link_last(link) if link else None)
+
+    async def referrers(
+        self, target: Target, digest: Digest, artifact_type: str | None
+    ) -> tuple[bytes, Mapping[str, str]]:
+        """The upstream's referrers index, passed through with its filter header."""
+        upstream = self.upstreams[target.upstream]
+        params = {"artifactType": artifact_type} if artifact_type else None
+        try:
+            async with upstream.open(
+                "GET",
+                f"{target.repository}/referrers/{digest}",
+                repository=target.repository,
+                params=params,
+            ) as response:
+                body = await response.content.read(MAX_MANIFEST_SIZE)
+                headers = {
+                    key: response.headers[key]
+                    for key in ("Content-Type", "OCI-Filters-Applied")
+                    if key in response.headers
+                }
+        except UpstreamError as exc:
+            raise upstream_failure(exc, errors.MANIFEST_UNKNOWN) from None
+        return body, headers
+
+    async def catalog(self, n: int | None, last: str | None) -> Page:
+        return paginate(await self.metadata.repositories(), n, last)
+
+
+def _link_last(link: str) -> str | None:
+    """The `last` of an upstream's `Link: <...?last=x&n=y>; rel="next"`."""
+    target = link.split(";", 1)[0].strip().strip("<>")
+    return URL(target).query.get("last")

@@ -1,0 +1,180 @@
+"""Single-flight: one upstream request per missing object, however many clients want it.
+
+`SingleFlight` shares the result of one coroutine between concurrent callers (manifests, tag
+revalidation). `BlobDownload` shares a blob download as it happens: the bytes go to a
+temporary file while being hashed, and every waiting client reads the growing file through the
+same descriptor. The final byte is released only once the whole blob matched its digest, so
+a client can never take a corrupt or cut transfer for a complete one.
+
+Downloads run as tasks owned by the cache, not by a request: a client that disconnects does
+not abort a download others wait for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable
+from pathlib import Path
+from typing import Final, Generic, TypeVar
+
+from .errors import BlobVerificationError
+from .reference import Digest
+
+__all__ = ["CHUNK_SIZE", "BlobDownload", "SingleFlight"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+CHUNK_SIZE: Final = 1024 * 1024
+
+
+class SingleFlight(Generic[K, V]):
+    """Concurrent calls with the same key share one execution and its outcome."""
+
+    def __init__(self) -> None:
+        self._running: dict[K, asyncio.Task[V]] = {}
+        self.coalesced = 0
+
+    async def do(self, key: K, work: Callable[[], Awaitable[V]]) -> V:
+        task = self._running.get(key)
+        if task is None:
+            task = asyncio.ensure_future(work())
+            self._running[key] = task
+            task.add_done_callback(lambda _: self._running.pop(key, None))
+        else:
+            self.coalesced += 1
+        # A caller that goes away must not cancel the work the others wait for.
+        return await asyncio.shield(task)
+
+
+class BlobDownload:
+    """A blob on its way from the upstream into the store, readable while it grows."""
+
+    def __init__(self, digest: Digest, temp_path: Path) -> None:
+        self.digest = digest
+        self.temp_path = temp_path
+        self.size: int | None = None
+        self.written = 0
+        self._fd = os.open(temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._hasher = digest.hasher()
+        self._users = 1  # the writer
+        loop = asyncio.get_running_loop()
+        self._started: asyncio.Future[None] = loop.create_future()
+        self.finished: asyncio.Future[None] = loop.create_future()
+        self._progress = asyncio.Event()
+        self._settled = False
+
+    # -- the writer side ---------------------------------------------------------------------
+
+    def start(self, size: int | None) -> None:
+        """The upstream answered; readers may begin."""
+        self.size = size
+        if not self._started.done():
+            self._started.set_result(None)
+
+    async def append(self, data: bytes) -> None:
+        """Hash and write a chunk in a thread (hashlib and write release the GIL)."""
+        await asyncio.get_running_loop().run_in_executor(None, self._write, data)
+        self.written += len(data)
+        self._notify()
+
+    def _write(self, data: bytes) -> None:
+        self._hasher.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(self._fd, view, self.written + len(data) - len(view)) :]
+
+    def verify(self) -> None:
+        """Check what was written against the digest; raises `BlobVerificationError`."""
+        if self.size is not None and self.written != self.size:
+            raise BlobVerificationError(
+                f"{self.digest}: upstream sent {self.written} bytes of {self.size}"
+            )
+        if self._hasher.hexdigest() != self.digest.encoded:
+            raise BlobVerificationError(f"{self.digest}: content does not match its digest")
+
+    def sync(self) -> None:
+        """Flush the file to disk before it is renamed into the store. Blocking."""
+        os.fsync(self._fd)
+
+    def succeed(self) -> None:
+        """Release the last bytes to the readers. The writer still holds the file."""
+        self.size = self.written
+        self._settle(None)
+
+    def fail(self, error: BaseException) -> None:
+        """Fail every reader, drop the temporary file, let go of the descriptor."""
+        self._settle(error)
+        with contextlib.suppress(FileNotFoundError):
+            self.temp_path.unlink()
+        self.release()
+
+    def _settle(self, error: BaseException | None) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        for future in (self._started, self.finished):
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+                # Nobody may be waiting; the error is reported by the download task.
+                future.exception()
+        self._notify()
+
+    def _notify(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    def release(self) -> None:
+        self._users -= 1
+        if self._users == 0:
+            os.close(self._fd)
+
+    # -- the reader side ---------------------------------------------------------------------
+
+    async def wait_started(self) -> None:
+        """Wait until the size is known (or the download failed, which raises)."""
+        await asyncio.shield(self._started)
+
+    async def read(self, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
+        """Yield bytes `start` to `end` (exclusive) as they arrive.
+
+        Raises the download's error if it fails; the last byte of the blob is only yielded
+        after the digest was verified.
+        """
+        self._users += 1
+        try:
+            await self.wait_started()
+            position = start
+            loop = asyncio.get_running_loop()
+            while end is None or position < end:
+                progress = self._progress
+                if self.finished.done():
+                    self.finished.result()
+                    available = self.written
+                else:
+                    available = self.written - 1
+                limit = available if end is None else min(available, end)
+                if position < limit:
+                    count = min(CHUNK_SIZE, limit - position)
+                    chunk = await loop.run_in_executor(None, os.pread, self._fd, count, position)
+                    position += len(chunk)
+                    yield chunk
+                elif self.finished.done():
+                    return
+                else:
+                    await progress.wait()
+        finally:
+            self.release()
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hash a file's content; blocking, run it in a thread."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, algorithm).hexdigest()

@@ -1,0 +1,89 @@
+"""Manifest media types and the little we read from a manifest: its type and its children.
+
+Manifests are stored and served byte for byte (converting one would change its digest); we only
+parse them to learn which blobs and child manifests an image consists of, so that a use of the
+image refreshes all of them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Final
+
+from .errors import MANIFEST_INVALID, RegistryError
+from .reference import Digest
+
+__all__ = [
+    "ACCEPT_ALL",
+    "MAX_MANIFEST_SIZE",
+    "Manifest",
+    "acceptable",
+    "parse_accept",
+    "read_manifest",
+]
+
+OCI_MANIFEST: Final = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX: Final = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST: Final = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST: Final = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_V1_SIGNED: Final = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+DOCKER_V1: Final = "application/vnd.docker.distribution.manifest.v1+json"
+
+# What we ask the upstream for when the client did not say: every modern type, lists first.
+ACCEPT_ALL: Final = (OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
+MAX_MANIFEST_SIZE: Final = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A manifest's exact bytes, with the digest and media type to serve it under."""
+
+    digest: Digest
+    media_type: str
+    data: bytes
+
+
+def parse_accept(values: list[str]) -> tuple[str, ...]:
+    """Media types from Accept headers (repeated or comma-separated), without parameters."""
+    types = []
+    for value in values:
+        for part in value.split(","):
+            media_type = part.split(";", 1)[0].strip().lower()
+            if media_type:
+                types.append(media_type)
+    return tuple(dict.fromkeys(types))
+
+
+def acceptable(media_type: str, accept: tuple[str, ...]) -> bool:
+    """Whether a client that sent `accept` takes a manifest of `media_type`.
+
+    No Accept at all, or a wildcard, takes anything, as distribution does.
+    """
+    return not accept or media_type in accept or "*/*" in accept or "application/*" in accept
+
+
+def read_manifest(data: bytes, content_type: str | None) -> tuple[str, list[str]]:
+    """The media type and the child digests of a manifest; MANIFEST_INVALID if it is not one."""
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError):
+        raise RegistryError(MANIFEST_INVALID, "upstream manifest is not JSON") from None
+    if not isinstance(document, dict):
+        raise RegistryError(MANIFEST_INVALID, "upstream manifest is not a JSON object")
+    declared = document.get("mediaType")
+    header = (content_type or "").split(";", 1)[0].strip().lower()
+    media_type = declared if isinstance(declared, str) and declared else header
+    if not media_type or media_type in ("application/json", "application/octet-stream"):
+        # An OCI manifest may omit mediaType; tell it apart from an index by its fields.
+        media_type = OCI_INDEX if "manifests" in document else OCI_MANIFEST
+    children = []
+    descriptors = [document.get("config")]
+    for key in ("layers", "manifests"):
+        listed = document.get(key)
+        if isinstance(listed, list):
+            descriptors.extend(listed)
+    for descriptor in descriptors:
+        if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
+            children.append(descriptor["digest"])
+    return media_type, children

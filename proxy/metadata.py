@@ -1,0 +1,268 @@
+"""What the cache knows about its content, in one SQLite database (WAL) in the data directory.
+
+Items (blobs and manifests) with sizes and access times, which manifest refers to which item,
+which repositories of which upstream hold an item, and the tag -> digest answers with the time
+they were last confirmed. This is the replacement for distribution's per-file links and the
+log-tailing access recorder.
+
+One connection, used from one dedicated thread, so SQLite never blocks the event loop and
+writes never interleave. Access times are collected in memory and written in batches: the hot
+path does no database write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, TypeVar
+
+__all__ = ["ItemRecord", "Metadata", "TagRecord"]
+
+T = TypeVar("T")
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS items (
+    digest      TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL CHECK (kind IN ('blob', 'manifest')),
+    size        INTEGER NOT NULL,
+    media_type  TEXT,
+    stored_at   REAL NOT NULL,
+    accessed_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_by_access ON items (accessed_at);
+CREATE TABLE IF NOT EXISTS children (
+    parent TEXT NOT NULL REFERENCES items (digest) ON DELETE CASCADE,
+    child  TEXT NOT NULL,
+    PRIMARY KEY (parent, child)
+);
+CREATE INDEX IF NOT EXISTS children_by_child ON children (child);
+CREATE TABLE IF NOT EXISTS holdings (
+    upstream   TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    digest     TEXT NOT NULL REFERENCES items (digest) ON DELETE CASCADE,
+    PRIMARY KEY (upstream, repository, digest)
+);
+CREATE INDEX IF NOT EXISTS holdings_by_digest ON holdings (digest);
+CREATE TABLE IF NOT EXISTS tags (
+    upstream   TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    tag        TEXT NOT NULL,
+    digest     TEXT NOT NULL REFERENCES items (digest) ON DELETE CASCADE,
+    checked_at REAL NOT NULL,
+    PRIMARY KEY (upstream, repository, tag)
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ItemRecord:
+    digest: str
+    kind: str
+    size: int
+    media_type: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TagRecord:
+    digest: str
+    checked_at: float
+
+
+class Metadata:
+    """The database, with in-memory copies of what the hot path reads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metadata")
+        self._db: sqlite3.Connection | None = None
+        self._tags: dict[tuple[str, str, str], TagRecord] = {}
+        self._items: dict[str, ItemRecord] = {}
+        self._pending_access: dict[str, float] = {}
+
+    async def _run(self, function: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            assert self._db is not None, "metadata used before open()"
+            with self._db:
+                return function(self._db)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    @property
+    def is_open(self) -> bool:
+        return self._db is not None
+
+    async def open(self) -> None:
+        def connect() -> sqlite3.Connection:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.executescript(_SCHEMA)
+            db.isolation_level = "DEFERRED"
+            return db
+
+        self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+
+    async def close(self) -> None:
+        if self._db is None:
+            return
+        await self.flush_access_times()
+        db, self._db = self._db, None
+        await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
+        self._executor.shutdown(wait=True)
+
+    # -- items -------------------------------------------------------------------------------
+
+    async def item(self, digest: str) -> ItemRecord | None:
+        record = self._items.get(digest)
+        if record is not None:
+            return record
+
+        def select(db: sqlite3.Connection) -> ItemRecord | None:
+            row = db.execute(
+                "SELECT digest, kind, size, media_type FROM items WHERE digest = ?", (digest,)
+            ).fetchone()
+            return ItemRecord(*row) if row else None
+
+        record = await self._run(select)
+        if record is not None:
+            self._items[digest] = record
+        return record
+
+    async def add_item(
+        self,
+        record: ItemRecord,
+        upstream: str,
+        repository: str,
+        children: Iterable[str] = (),
+    ) -> None:
+        """Record a stored item, the repository it was pulled through, and what it refers to."""
+        now = time.time()
+        child_rows = [(record.digest, child) for child in children]
+
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO items (digest, kind, size, media_type, stored_at, accessed_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (digest) DO UPDATE SET accessed_at = excluded.accessed_at",
+                (record.digest, record.kind, record.size, record.media_type, now, now),
+            )
+            db.executemany("INSERT OR IGNORE INTO children VALUES (?, ?)", child_rows)
+            db.execute(
+                "INSERT OR IGNORE INTO holdings VALUES (?, ?, ?)",
+                (upstream, repository, record.digest),
+            )
+
+        await self._run(insert)
+        self._items[record.digest] = record
+
+    async def add_holding(self, upstream: str, repository: str, digest: str) -> None:
+        """Note that a repository also holds an already stored item (a cross-repo hit)."""
+
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT OR IGNORE INTO holdings VALUES (?, ?, ?)", (upstream, repository, digest)
+            )
+
+        await self._run(insert)
+
+    def forget_cached(self, digest: str) -> None:
+        """Drop the in-memory copy of an item whose file is gone."""
+        self._items.pop(digest, None)
+
+    # -- access times ------------------------------------------------------------------------
+
+    def touch(self, digest: str) -> None:
+        """Record a use; written by the next `flush_access_times`, not now."""
+        self._pending_access[digest] = time.time()
+
+    async def flush_access_times(self) -> int:
+        """Write the collected access times, and those of the items they refer to, in one go.
+
+        An image in use is refreshed whole (an index its manifests, a manifest its config and
+        layers), so that eviction never takes half an image that someone pulls.
+        """
+        if not self._pending_access:
+            return 0
+        pending, self._pending_access = self._pending_access, {}
+        rows = [(when, digest) for digest, when in pending.items()]
+
+        def update(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "UPDATE items SET accessed_at = max(accessed_at, ?) WHERE digest = ?", rows
+            )
+            db.executemany(
+                "WITH RECURSIVE tree(digest) AS ("
+                "  SELECT ? UNION SELECT child FROM children JOIN tree ON parent = tree.digest"
+                ") UPDATE items SET accessed_at = max(accessed_at, ?)"
+                " WHERE digest IN (SELECT digest FROM tree)",
+                [(digest, when) for when, digest in rows],
+            )
+
+        await self._run(update)
+        return len(rows)
+
+    # -- tags --------------------------------------------------------------------------------
+
+    async def tag(self, upstream: str, repository: str, tag: str) -> TagRecord | None:
+        key = (upstream, repository, tag)
+        record = self._tags.get(key)
+        if record is not None:
+            return record
+
+        def select(db: sqlite3.Connection) -> TagRecord | None:
+            row = db.execute(
+                "SELECT digest, checked_at FROM tags"
+                " WHERE upstream = ? AND repository = ? AND tag = ?",
+                key,
+            ).fetchone()
+            return TagRecord(*row) if row else None
+
+        record = await self._run(select)
+        if record is not None:
+            self._tags[key] = record
+        return record
+
+    async def set_tag(self, upstream: str, repository: str, tag: str, record: TagRecord) -> None:
+        key = (upstream, repository, tag)
+
+        def upsert(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO tags VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (upstream, repository, tag)"
+                " DO UPDATE SET digest = excluded.digest, checked_at = excluded.checked_at",
+                (*key, record.digest, record.checked_at),
+            )
+
+        await self._run(upsert)
+        self._tags[key] = record
+
+    async def tags(self, upstream: str, repository: str) -> list[str]:
+        """The tags recorded for a repository, sorted: the answer when the upstream is down."""
+
+        def select(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute(
+                "SELECT tag FROM tags WHERE upstream = ? AND repository = ? ORDER BY tag",
+                (upstream, repository),
+            )
+            return [row[0] for row in rows]
+
+        return await self._run(select)
+
+    async def repositories(self) -> list[str]:
+        """Every `upstream/repository` that holds a manifest, sorted."""
+
+        def select(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute(
+                "SELECT DISTINCT upstream || '/' || repository AS name FROM holdings"
+                " JOIN items USING (digest) WHERE kind = 'manifest' ORDER BY name"
+            )
+            return [row[0] for row in rows]
+
+        return await self._run(select)

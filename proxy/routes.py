@@ -1,0 +1,274 @@
+"""The pull side of the distribution API: parse a /v2/ path into a typed request, call the cache.
+
+aiohttp's `{name:regex}` routes cannot split a name that contains slashes from what follows,
+so one catch-all route parses the path here, from the right, as the spec says: the last
+`/manifests/`, `/blobs/`, `/referrers/` or `/tags/list` separates the name from the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from aiohttp import web
+from yarl import URL
+
+from . import errors
+from .cache import Cache, LocalBlob, Page
+from .errors import RegistryError
+from .flight import BlobDownload
+from .manifest import parse_accept
+from .reference import Digest, Tag, Target, looks_like_host, validate_repository
+from .settings import DOCKER_HUB, Settings
+
+__all__ = [
+    "API_VERSION_HEADERS",
+    "CACHE",
+    "CACHE_STATUS",
+    "Routes",
+    "parse_range",
+    "resolve_target",
+]
+
+log = logging.getLogger(__name__)
+
+API_VERSION_HEADERS: Final = {"Docker-Distribution-Api-Version": "registry/2.0"}
+CACHE_STATUS: Final = "cache_status"
+CACHE: Final = web.AppKey("cache", Cache)
+_WRITE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_READ_METHODS: Final = frozenset({"GET", "HEAD"})
+_DOCKER_HUB_NAMES: Final = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
+
+
+@dataclass(frozen=True, slots=True)
+class _ParsedPath:
+    kind: str  # manifests, blobs, tags, referrers
+    name: str
+    reference: str
+
+
+def _split_path(path: str) -> _ParsedPath:
+    """`<name>/<kind>/<reference>` from the path after /v2/, parsed from the right."""
+    if path.endswith("/tags/list"):
+        return _ParsedPath("tags", path.removesuffix("/tags/list"), "")
+    for kind in ("manifests", "blobs", "referrers"):
+        name, sep, reference = path.rpartition(f"/{kind}/")
+        if sep and name and reference and "/" not in reference:
+            return _ParsedPath(kind, name, reference)
+    raise RegistryError(errors.NAME_INVALID, f"not a distribution API path: /v2/{path[:200]}")
+
+
+def resolve_target(name: str, ns: str | None, settings: Settings) -> Target:
+    """Which upstream and repository a client's name refers to.
+
+    `quay.io/foo/bar` names its upstream; a first component that looks like a host but is not
+    configured is refused (never an open proxy); anything else is Docker Hub mirror mode, where
+    containerd's `?ns=` may name the upstream instead of the default.
+    """
+    first, _, rest = name.partition("/")
+    if first in settings.upstreams:
+        upstream, repository = first, rest
+    elif looks_like_host(first):
+        raise RegistryError(errors.NAME_UNKNOWN, f"upstream not configured: {first[:100]}")
+    else:
+        upstream, repository = settings.default_upstream, name
+        if ns is not None:
+            wanted = DOCKER_HUB if ns in _DOCKER_HUB_NAMES else ns
+            if wanted not in settings.upstreams:
+                raise RegistryError(errors.NAME_UNKNOWN, f"upstream not configured: {ns[:100]}")
+            upstream = wanted
+    if not repository:
+        raise RegistryError(errors.NAME_INVALID, "a repository name is required after the upstream")
+    validate_repository(repository)
+    if upstream == DOCKER_HUB and "/" not in repository:
+        repository = f"library/{repository}"
+    return Target(upstream, repository, name)
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """`(start, end)` (end exclusive) for a single-range `Range` header; None for the whole.
+
+    RFC 9110 section 14.2: an unsatisfiable range is a 416; a header we do not understand
+    (several ranges, another unit) is ignored and the whole content served.
+    """
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first.isdigit() or last.isdigit()):
+        return None
+    if not first:
+        length = int(last)
+        if length == 0:
+            raise _unsatisfiable(size)
+        return max(size - length, 0), size
+    start = int(first)
+    end = min(int(last) + 1, size) if last else size
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        raise _unsatisfiable(size)
+    return start, end
+
+
+def _unsatisfiable(size: int) -> RegistryError:
+    return RegistryError(
+        errors.RANGE_INVALID,
+        "requested range not satisfiable",
+        headers={"Content-Range": f"bytes */{size}"},
+    )
+
+
+def _page_number(query: Mapping[str, str]) -> int | None:
+    text = query.get("n")
+    if text is None:
+        return None
+    if not text.isdigit() or int(text) > 100_000:
+        raise RegistryError(errors.PAGINATION_NUMBER_INVALID, f"invalid n: {text[:20]!r}")
+    return int(text)
+
+
+def _link(path: str, n: int | None, page: Page) -> dict[str, str]:
+    """The RFC 5988 `Link` to the next page, if there is one."""
+    if page.next_last is None:
+        return {}
+    query = {"last": page.next_last} | ({"n": str(n)} if n is not None else {})
+    return {"Link": f'<{URL(path).with_query(query)}>; rel="next"'}
+
+
+class Routes:
+    """Thin handlers: parse, call the cache, shape the response."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def install(self, app: web.Application) -> None:
+        app.router.add_route("*", "/v2", self.base)
+        app.router.add_route("*", "/v2/", self.base)
+        app.router.add_route("*", "/v2/{path:.+}", self.dispatch)
+
+    async def base(self, request: web.Request) -> web.Response:
+        self._require_read(request)
+        return web.json_response({}, headers=API_VERSION_HEADERS)
+
+    @staticmethod
+    def _require_read(request: web.Request) -> None:
+        if request.method in _WRITE_METHODS:
+            raise RegistryError(errors.UNSUPPORTED, "this registry is a read-only cache")
+        if request.method not in _READ_METHODS:
+            raise RegistryError(errors.UNSUPPORTED, f"method {request.method} is not supported")
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        self._require_read(request)
+        path = request.match_info["path"]
+        if path == "_catalog":
+            return await self.catalog(request)
+        parsed = _split_path(path)
+        target = resolve_target(parsed.name, request.query.get("ns"), self.settings)
+        if parsed.kind == "manifests":
+            return await self.manifest(request, target, parsed.reference)
+        if parsed.kind == "blobs":
+            return await self.blob(request, target, Digest.parse(parsed.reference))
+        if parsed.kind == "referrers":
+            return await self.referrers(request, target, Digest.parse(parsed.reference))
+        return await self.tags(request, target)
+
+    async def manifest(self, request: web.Request, target: Target, reference: str) -> web.Response:
+        ref: Tag | Digest = Digest.parse(reference) if ":" in reference else Tag.parse(reference)
+        accept = parse_accept(request.headers.getall("Accept", []))
+        manifest = await request.app[CACHE].manifest(target, ref, accept)
+        request[CACHE_STATUS] = "hit"
+        return web.Response(
+            body=manifest.data,
+            headers={
+                **API_VERSION_HEADERS,
+                "Content-Type": manifest.media_type,
+                "Docker-Content-Digest": str(manifest.digest),
+                "ETag": f'"{manifest.digest}"',
+            },
+        )
+
+    async def blob(
+        self, request: web.Request, target: Target, digest: Digest
+    ) -> web.StreamResponse:
+        headers = {
+            **API_VERSION_HEADERS,
+            "Docker-Content-Digest": str(digest),
+            "Content-Type": "application/octet-stream",
+            "Accept-Ranges": "bytes",
+        }
+        if request.method == "HEAD":
+            size = await request.app[CACHE].blob_size(target, digest)
+            if size is not None:
+                headers["Content-Length"] = str(size)
+            return web.Response(headers=headers)
+        found = request.app[CACHE].blob(target, digest)
+        if isinstance(found, LocalBlob):
+            request[CACHE_STATUS] = "hit"
+            # sendfile, Range, conditional requests: aiohttp's FileResponse does them all.
+            return web.FileResponse(found.path, headers=headers)
+        request[CACHE_STATUS] = "miss"
+        return await self._stream_download(request, found, headers)
+
+    async def _stream_download(
+        self, request: web.Request, download: BlobDownload, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """Serve a blob while it downloads; a failure cuts the transfer short."""
+        await download.wait_started()
+        size = download.size
+        span = parse_range(request.headers.get("Range"), size) if size is not None else None
+        response = web.StreamResponse(status=206 if span else 200, headers=headers)
+        start, end = span or (0, size)
+        if span is not None and size is not None:
+            response.headers["Content-Range"] = f"bytes {start}-{span[1] - 1}/{size}"
+        if end is not None:
+            response.content_length = end - start
+        await response.prepare(request)
+        try:
+            async with contextlib.aclosing(download.read(start, end)) as chunks:
+                async for chunk in chunks:
+                    await response.write(chunk)
+        except (RegistryError, errors.BlobVerificationError) as exc:
+            # The status is sent: the only honest signal left is to cut the connection, so
+            # the client sees a short transfer instead of a complete one.
+            log.warning("transfer of %s cut: %s", download.digest, exc)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+
+    async def tags(self, request: web.Request, target: Target) -> web.Response:
+        n = _page_number(request.query)
+        if n == 0:
+            return web.json_response(
+                {"name": target.client_name, "tags": []}, headers=API_VERSION_HEADERS
+            )
+        page = await request.app[CACHE].tags(target, n, request.query.get("last"))
+        return web.json_response(
+            {"name": target.client_name, "tags": page.items},
+            headers={**API_VERSION_HEADERS, **_link(request.path, n, page)},
+        )
+
+    async def referrers(self, request: web.Request, target: Target, digest: Digest) -> web.Response:
+        body, upstream_headers = await request.app[CACHE].referrers(
+            target, digest, request.query.get("artifactType")
+        )
+        return web.Response(body=body, headers={**API_VERSION_HEADERS, **upstream_headers})
+
+    async def catalog(self, request: web.Request) -> web.Response:
+        n = _page_number(request.query)
+        page = await request.app[CACHE].catalog(n, request.query.get("last"))
+        if n == 0:
+            page = Page([], None)
+        return web.Response(
+            text=json.dumps({"repositories": page.items}),
+            content_type="application/json",
+            headers={**API_VERSION_HEADERS, **_link(request.path, n, page)},
+        )

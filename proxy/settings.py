@@ -1,0 +1,442 @@
+"""Configuration: one YAML file, overridden by environment variables, into frozen dataclasses.
+
+Everything is validated and finished here (defaults, upstreams from the pull secret, ignored
+registries), so the rest of the service never sees an optional or a raw string. A bad value
+stops start-up with a `ConfigError` that names the key or variable.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import humanfriendly
+import yaml
+
+__all__ = [
+    "CleanerSettings",
+    "ConfigError",
+    "Settings",
+    "UpstreamSettings",
+    "allowed_domains",
+    "host_allowed",
+    "load_settings",
+    "parse_duration",
+    "parse_size",
+]
+
+DOCKER_HUB: Final = "docker.io"
+
+# The registries a cache with no configuration knows, anonymously. Each maps the name clients
+# write to where the registry's API is.
+_PUBLIC_REGISTRIES: Final[Mapping[str, str]] = {
+    DOCKER_HUB: "https://registry-1.docker.io",
+    "quay.io": "https://quay.io",
+    "ghcr.io": "https://ghcr.io",
+    "gcr.io": "https://gcr.io",
+    "registry.k8s.io": "https://registry.k8s.io",
+    "public.ecr.aws": "https://public.ecr.aws",
+    "mcr.microsoft.com": "https://mcr.microsoft.com",
+    "registry.redhat.io": "https://registry.redhat.io",
+    "registry.access.redhat.com": "https://registry.access.redhat.com",
+}
+
+# Hosts outside an upstream's own registrable domain that it is known to send us to for
+# tokens or blob storage. Nothing else is ever contacted on an upstream's behalf.
+_KNOWN_EXTRA_HOSTS: Final[Mapping[str, tuple[str, ...]]] = {
+    DOCKER_HUB: ("docker.com",),
+    "quay.io": ("quay.io", "amazonaws.com", "cloudfront.net"),
+    "ghcr.io": ("githubusercontent.com", "github.com"),
+    "gcr.io": ("googleapis.com", "pkg.dev"),
+    "registry.k8s.io": ("pkg.dev", "googleapis.com", "amazonaws.com"),
+    "public.ecr.aws": ("amazonaws.com", "cloudfront.net"),
+    "mcr.microsoft.com": ("azureedge.net", "microsoft.com", "azurefd.net"),
+    "registry.redhat.io": ("redhat.com", "akamaized.net"),
+    "registry.access.redhat.com": ("redhat.com", "akamaized.net"),
+}
+
+# Docker's own config files name Docker Hub in several ways.
+_DOCKER_HUB_ALIASES: Final = frozenset(
+    {"docker.io", "index.docker.io", "registry-1.docker.io", "https://index.docker.io/v1/"}
+)
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key and the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """One registry we pull from."""
+
+    name: str
+    url: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    manifest_ttl: float = 300.0
+    # Registrable domains besides the upstream's own that may receive requests on its behalf
+    # (token realms, blob redirects); never with the upstream's credentials.
+    extra_hosts: tuple[str, ...] = ()
+
+    @property
+    def has_credentials(self) -> bool:
+        return self.username is not None and self.password is not None
+
+
+@dataclass(frozen=True, slots=True)
+class CleanerSettings:
+    """The disk budget and how often it is enforced."""
+
+    max_size: int = 10 * 1024**3
+    threshold_percentage: float = 20.0
+    run_every: float = 1800.0
+
+    @property
+    def high_water_mark(self) -> int:
+        return int(self.max_size * (1 + self.threshold_percentage / 100))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The whole, validated configuration."""
+
+    host: str = "127.0.0.1"
+    port: int = 8443
+    storage_root: Path = Path("data")
+    default_upstream: str = DOCKER_HUB
+    manifest_ttl: float = 300.0
+    cache_write_timeout: float = 300.0
+    upstream_connect_timeout: float = 10.0
+    upstream_read_timeout: float = 30.0
+    upstreams: Mapping[str, UpstreamSettings] = field(default_factory=dict)
+    cleaner: CleanerSettings = field(default_factory=CleanerSettings)
+    log_level: str = "INFO"
+
+
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s|d)")
+_DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str | int | float, key: str) -> float:
+    """Seconds from `30m`, `1h2m3s`, `45s`, `500ms` or a plain number of seconds."""
+    if isinstance(text, bool):
+        raise ConfigError(f"{key}: expected a duration such as 30m or 1h2m3s, got {text!r}")
+    if isinstance(text, int | float):
+        seconds = float(text)
+    else:
+        value = text.strip()
+        if re.fullmatch(r"\d+(?:\.\d+)?", value):
+            seconds = float(value)
+        else:
+            parts = _DURATION_PART.findall(value)
+            if not parts or "".join(n + u for n, u in parts) != value:
+                raise ConfigError(f"{key}: expected a duration such as 30m or 1h2m3s, got {text!r}")
+            seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    if seconds < 0:
+        raise ConfigError(f"{key}: a duration cannot be negative, got {text!r}")
+    return seconds
+
+
+def parse_size(text: str | int, key: str) -> int:
+    """Bytes from `10G`, `500MiB`, `1.5T` (K, M, G, T are powers of 1024, as `du -h` shows)."""
+    if isinstance(text, bool):
+        raise ConfigError(f"{key}: expected a size such as 10G or 500MiB, got {text!r}")
+    if isinstance(text, int):
+        size = text
+    else:
+        try:
+            size = humanfriendly.parse_size(text.strip(), binary=True)
+        except humanfriendly.InvalidSize:
+            raise ConfigError(
+                f"{key}: expected a size such as 10G or 500MiB, got {text!r}"
+            ) from None
+    if size <= 0:
+        raise ConfigError(f"{key}: a size must be positive, got {text!r}")
+    return size
+
+
+def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the YAML file (if any), apply the environment, validate everything."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raw = _mapping(loaded, "config")
+    return _Loader(raw, env).settings()
+
+
+def _mapping(value: object, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _string(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _reject_unknown(section: Mapping[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(section) - known)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown configuration key {prefix}{unknown[0]} (known: {', '.join(sorted(known))})"
+        )
+
+
+def _split_address(text: str, key: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: expected HOST:PORT such as 0.0.0.0:8443, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _registrable_domain(host: str) -> str:
+    """The last two labels of a host name: enough to tell auth.docker.io is docker.io's."""
+    host = host.split(":")[0]
+    labels = host.split(".")
+    if host.replace(".", "").isdigit() or len(labels) <= 2:
+        return host
+    return ".".join(labels[-2:])
+
+
+class _Loader:
+    """One pass over the raw YAML and the environment."""
+
+    _TOP_KEYS: Final = {
+        "listen",
+        "storage",
+        "default_upstream",
+        "manifest_ttl",
+        "cache_write_timeout",
+        "upstream_timeouts",
+        "pull_secret",
+        "ignore_registries",
+        "upstreams",
+        "cleaner",
+        "log_level",
+    }
+
+    def __init__(self, raw: dict[str, Any], env: Mapping[str, str]) -> None:
+        _reject_unknown(raw, set(self._TOP_KEYS), "")
+        self.raw = raw
+        self.env = env
+
+    def _value(self, key: str, env_name: str | None, default: Any) -> tuple[Any, str]:
+        """The environment's value if set, else the file's, else the default; and its name."""
+        if env_name is not None and self.env.get(env_name):
+            return self.env[env_name], env_name
+        return self.raw.get(key, default), key
+
+    def settings(self) -> Settings:
+        listen, listen_key = self._value("listen", "REGISTRY_HTTP_ADDR", "127.0.0.1:8443")
+        host, port = _split_address(_string(listen, listen_key), listen_key)
+        storage = _mapping(self.raw.get("storage", {}), "storage")
+        _reject_unknown(storage, {"root"}, "storage")
+        root, root_key = (
+            (self.env["REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY"], "REGISTRY_STORAGE_...")
+            if self.env.get("REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY")
+            else (storage.get("root", "data"), "storage.root")
+        )
+        manifest_ttl = parse_duration(self.raw.get("manifest_ttl", "5m"), "manifest_ttl")
+        timeouts = _mapping(self.raw.get("upstream_timeouts", {}), "upstream_timeouts")
+        _reject_unknown(timeouts, {"connect", "read"}, "upstream_timeouts")
+        upstreams = self._upstreams(manifest_ttl)
+        default_upstream = _string(self.raw.get("default_upstream", DOCKER_HUB), "default_upstream")
+        if default_upstream not in upstreams:
+            raise ConfigError(
+                f"default_upstream: {default_upstream!r} is not a configured upstream "
+                f"(configured: {', '.join(sorted(upstreams))})"
+            )
+        log_level = _string(self.raw.get("log_level", "INFO"), "log_level").upper()
+        if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ConfigError(f"log_level: expected DEBUG, INFO, WARNING or ERROR, not {log_level}")
+        return Settings(
+            host=host,
+            port=port,
+            storage_root=Path(_string(root, root_key)),
+            default_upstream=default_upstream,
+            manifest_ttl=manifest_ttl,
+            cache_write_timeout=parse_duration(
+                self.raw.get("cache_write_timeout", "5m"), "cache_write_timeout"
+            ),
+            upstream_connect_timeout=parse_duration(
+                timeouts.get("connect", "10s"), "upstream_timeouts.connect"
+            ),
+            upstream_read_timeout=parse_duration(
+                timeouts.get("read", "30s"), "upstream_timeouts.read"
+            ),
+            upstreams=upstreams,
+            cleaner=self._cleaner(),
+            log_level=log_level,
+        )
+
+    def _cleaner(self) -> CleanerSettings:
+        section = _mapping(self.raw.get("cleaner", {}), "cleaner")
+        _reject_unknown(section, {"maxsize", "threshold_percentage", "runevery"}, "cleaner")
+        size, size_key = self._env_or(section, "maxsize", "CLEANER_MAXSIZE", "10G")
+        threshold, threshold_key = self._env_or(
+            section, "threshold_percentage", "CLEANER_THRESHOLD_PERCENTAGE", 20
+        )
+        every, every_key = self._env_or(section, "runevery", "CLEANER_RUNEVERY_TIME", "30m")
+        try:
+            threshold_value = float(threshold)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{threshold_key}: expected a percentage, got {threshold!r}"
+            ) from None
+        if threshold_value < 0:
+            raise ConfigError(f"{threshold_key}: cannot be negative, got {threshold!r}")
+        run_every = parse_duration(every, every_key)
+        if run_every <= 0:
+            raise ConfigError(f"{every_key}: must be longer than zero, got {every!r}")
+        return CleanerSettings(
+            max_size=parse_size(size, size_key),
+            threshold_percentage=threshold_value,
+            run_every=run_every,
+        )
+
+    def _env_or(
+        self, section: Mapping[str, Any], key: str, env_name: str, default: Any
+    ) -> tuple[Any, str]:
+        if self.env.get(env_name):
+            return self.env[env_name], env_name
+        return section.get(key, default), f"cleaner.{key}"
+
+    def _ignored(self) -> frozenset[str]:
+        if self.env.get("IGNOREREGISTRYLIST"):
+            return frozenset(self.env["IGNOREREGISTRYLIST"].split())
+        listed = self.raw.get("ignore_registries", [])
+        if not isinstance(listed, list):
+            raise ConfigError("ignore_registries: expected a list of registry names")
+        return frozenset(_string(item, "ignore_registries[]") for item in listed)
+
+    def _upstreams(self, manifest_ttl: float) -> dict[str, UpstreamSettings]:
+        upstreams: dict[str, UpstreamSettings] = {}
+        listed = self.raw.get("upstreams")
+        if listed is None:
+            for name, url in _PUBLIC_REGISTRIES.items():
+                upstreams[name] = _make_upstream(name, url, None, None, manifest_ttl, ())
+        else:
+            if not isinstance(listed, list):
+                raise ConfigError("upstreams: expected a list of {name, url, ...} entries")
+            for index, entry in enumerate(listed):
+                upstream = self._upstream_entry(entry, f"upstreams[{index}]", manifest_ttl)
+                if upstream.name in upstreams:
+                    raise ConfigError(f"upstreams[{index}].name: {upstream.name!r} is listed twice")
+                upstreams[upstream.name] = upstream
+        secret, secret_key = self._value("pull_secret", "PULL_SECRET", None)
+        if secret is not None:
+            for name, (user, password) in _read_pull_secret(Path(_string(secret, secret_key))):
+                known = upstreams.get(name)
+                url = known.url if known else _PUBLIC_REGISTRIES.get(name, f"https://{name}")
+                extra = known.extra_hosts if known else ()
+                ttl = known.manifest_ttl if known else manifest_ttl
+                upstreams[name] = _make_upstream(name, url, user, password, ttl, extra)
+        for name in self._ignored():
+            upstreams.pop(name, None)
+        return upstreams
+
+    def _upstream_entry(self, entry: object, key: str, manifest_ttl: float) -> UpstreamSettings:
+        section = _mapping(entry, key)
+        _reject_unknown(
+            section,
+            {"name", "url", "username", "password", "manifest_ttl", "extra_hosts"},
+            key,
+        )
+        name = _string(section.get("name"), f"{key}.name")
+        url = section.get("url") or _PUBLIC_REGISTRIES.get(name, f"https://{name}")
+        url = _string(url, f"{key}.url").rstrip("/")
+        if not re.fullmatch(r"https?://[^/?#\s]+(?:/[^?#\s]*)?", url):
+            raise ConfigError(f"{key}.url: expected an http(s) URL, got {url!r}")
+        username = section.get("username")
+        password = section.get("password")
+        if (username is None) != (password is None):
+            raise ConfigError(f"{key}: username and password go together")
+        extra = section.get("extra_hosts", [])
+        if not isinstance(extra, list):
+            raise ConfigError(f"{key}.extra_hosts: expected a list of domains")
+        return _make_upstream(
+            name,
+            url,
+            None if username is None else _string(username, f"{key}.username"),
+            None if password is None else _string(password, f"{key}.password"),
+            parse_duration(section.get("manifest_ttl", manifest_ttl), f"{key}.manifest_ttl"),
+            tuple(_string(item, f"{key}.extra_hosts[]") for item in extra),
+        )
+
+
+def _make_upstream(
+    name: str,
+    url: str,
+    username: str | None,
+    password: str | None,
+    manifest_ttl: float,
+    extra_hosts: tuple[str, ...],
+) -> UpstreamSettings:
+    return UpstreamSettings(
+        name=name,
+        url=url,
+        username=username,
+        password=password,
+        manifest_ttl=manifest_ttl,
+        extra_hosts=extra_hosts or _KNOWN_EXTRA_HOSTS.get(name, ()),
+    )
+
+
+def _read_pull_secret(path: Path) -> list[tuple[str, tuple[str, str]]]:
+    """Hosts and credentials from a `{"auths": {host: {"auth": base64(user:pass)}}}` file."""
+    try:
+        document = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"pull_secret: cannot read {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"pull_secret: {path} is not JSON ({exc.msg})") from None
+    auths = _mapping(document, "pull_secret").get("auths")
+    if not isinstance(auths, dict):
+        raise ConfigError(f"pull_secret: {path} has no 'auths' mapping")
+    entries = []
+    for host, entry in auths.items():
+        name = DOCKER_HUB if host in _DOCKER_HUB_ALIASES else host.removeprefix("https://")
+        section = _mapping(entry, f"pull_secret auths[{name}]")
+        if "auth" in section:
+            try:
+                decoded = base64.b64decode(section["auth"], validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError, TypeError):
+                raise ConfigError(f"pull_secret auths[{name}].auth: not base64") from None
+            user, sep, password = decoded.partition(":")
+        else:
+            user, password = section.get("username", ""), section.get("password", "")
+            sep = ":"
+        if not sep or not user or not password:
+            raise ConfigError(f"pull_secret auths[{name}]: expected user:password credentials")
+        entries.append((name, (user, password)))
+    return entries
+
+
+def allowed_domains(upstream: UpstreamSettings) -> frozenset[str]:
+    """The registrable domains that may receive requests on this upstream's behalf."""
+    own = _registrable_domain(upstream.url.split("://", 1)[1].split("/", 1)[0])
+    return frozenset({own, *upstream.extra_hosts})
+
+
+def host_allowed(host: str, upstream: UpstreamSettings) -> bool:
+    """Whether a token realm or redirect target host belongs to the upstream's domains."""
+    host = host.lower().rstrip(".")
+    return any(
+        host == domain or host.endswith("." + domain) for domain in allowed_domains(upstream)
+    )

@@ -1,0 +1,102 @@
+"""The content-addressed files: `blobs/<algorithm>/<2 hex>/<hex>`, written only by rename.
+
+Manifests and blobs share the store (both are addressed by digest). A file is created in
+`tmp/` and renamed into place after its digest was verified, so a file under `blobs/` is
+always complete and correct. Paths are built from validated `Digest`s only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import RegistryError
+from .reference import Digest
+
+__all__ = ["BlobStore"]
+
+
+class BlobStore:
+    """Local files, addressed by digest. All methods are synchronous and cheap, or say so."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.blobs = self.root / "blobs"
+        self.tmp = self.root / "tmp"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: Digest) -> Path:
+        return self.blobs / digest.algorithm / digest.encoded[:2] / digest.encoded
+
+    def size(self, digest: Digest) -> int | None:
+        """The stored size, or None when the blob is not in the store."""
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def temp_path(self) -> Path:
+        """A fresh name in `tmp/` for a file being written."""
+        return self.tmp / f"{uuid.uuid4().hex}.part"
+
+    def commit(self, temp: Path, digest: Digest) -> None:
+        """Move a verified temporary file into place, atomically."""
+        target = self.path(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temp, target)
+
+    def write(self, digest: Digest, data: bytes) -> None:
+        """Store small verified content (a manifest) through a temporary file and a rename."""
+        temp = self.temp_path()
+        try:
+            with open(temp, "wb") as file:
+                file.write(data)
+            self.commit(temp, digest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+
+    def read(self, digest: Digest) -> bytes | None:
+        try:
+            return self.path(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def delete(self, digest: Digest) -> int:
+        """Remove a blob; returns the bytes freed (0 when it was not there)."""
+        path = self.path(digest)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def digests(self) -> Iterator[tuple[Digest, Path]]:
+        """Every file in the store whose name is a valid digest path; slow, walks the disk."""
+        for algorithm_dir in self.blobs.iterdir():
+            for prefix_dir in algorithm_dir.iterdir() if algorithm_dir.is_dir() else ():
+                for path in prefix_dir.iterdir() if prefix_dir.is_dir() else ():
+                    try:
+                        digest = Digest.parse(f"{algorithm_dir.name}:{path.name}")
+                    except RegistryError:
+                        continue
+                    if path == self.path(digest):
+                        yield digest, path
+
+    def writable(self) -> bool:
+        """Whether a file can be created in the store; blocking."""
+        probe = self.tmp / f".probe-{uuid.uuid4().hex}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError:
+            return False
+        return True
+
+    def temp_files(self) -> list[Path]:
+        return list(self.tmp.iterdir())

@@ -1,0 +1,273 @@
+"""The registry client: one connection pool per upstream, auth, redirects, error mapping.
+
+A request goes through three short steps: `open` maps the outcome to our error tree,
+`_send_with_auth` answers one 401 challenge (Basic, or Bearer with a token fetched and cached
+per scope), `_send_following_redirects` follows redirects to blob storage without the
+upstream's Authorization (distribution-spec: clients "MUST NOT forward Authorization headers
+across host boundaries") and only to hosts the upstream is known to use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from .errors import (
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamRateLimited,
+    UpstreamStatusError,
+    UpstreamUnauthorized,
+    UpstreamUnavailable,
+)
+from .settings import UpstreamSettings, host_allowed
+
+__all__ = ["RateLimit", "UpstreamClient"]
+
+log = logging.getLogger(__name__)
+
+_MAX_REDIRECTS: Final = 5
+_USER_AGENT: Final = "registry-cache/0.1"
+_CHALLENGE_PARAM: Final = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
+# A token is reused until this many seconds before it expires.
+_TOKEN_MARGIN: Final = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Docker Hub's `RateLimit-Limit`/`RateLimit-Remaining`, as last seen."""
+
+    limit: int | None
+    remaining: int | None
+
+
+@dataclass(slots=True)
+class _Token:
+    value: str
+    expires_at: float
+
+
+def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    scheme, _, rest = header.strip().partition(" ")
+    params = {
+        m.group(1).lower(): m.group(2) or m.group(3) or "" for m in _CHALLENGE_PARAM.finditer(rest)
+    }
+    return scheme.lower(), params
+
+
+def _rate_limit_value(header: str | None) -> int | None:
+    """`100;w=21600` -> 100; Docker Hub sometimes sends the header empty."""
+    if not header:
+        return None
+    head = header.split(";", 1)[0].strip()
+    return int(head) if head.isdigit() else None
+
+
+class UpstreamClient:
+    """Talks to one upstream registry on behalf of the cache."""
+
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> None:
+        self.settings = settings
+        self.base = URL(settings.url)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=60),
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=connect_timeout, sock_read=read_timeout
+            ),
+            # Blobs are stored byte for byte; a transparent gunzip would corrupt them.
+            auto_decompress=False,
+            headers={"User-Agent": _USER_AGENT},
+        )
+        self._tokens: dict[str, _Token] = {}
+        self._token_locks: dict[str, asyncio.Lock] = {}
+        self._basic = False
+        self.rate_limit: RateLimit | None = None
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    @asynccontextmanager
+    async def open(
+        self,
+        method: str,
+        path: str,
+        *,
+        repository: str,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Send a request for `path` (under /v2/) and yield a successful response.
+
+        Errors become `UpstreamError`s; the response is released on exit.
+        """
+        url = self.base.joinpath("v2", path.lstrip("/"), encoded=True)
+        if params:
+            url = url.with_query(params)
+        try:
+            response = await self._send_with_auth(method, url, repository, headers or {})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnavailable(
+                f"{self.settings.name}: {type(exc).__name__}: {exc}"
+            ) from None
+        try:
+            self._note_rate_limit(response)
+            self._raise_for_status(response)
+            yield response
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnavailable(
+                f"{self.settings.name}: {type(exc).__name__}: {exc}"
+            ) from None
+        finally:
+            response.release()
+
+    def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
+        status = response.status
+        if status in (200, 206):
+            return
+        what = f"{self.settings.name} answered {response.method} {response.url.path}"
+        if status == 404:
+            raise UpstreamNotFound(status, what)
+        if status in (401, 403):
+            raise UpstreamUnauthorized(status, what)
+        if status == 429:
+            raise UpstreamRateLimited(status, what, response.headers.get("Retry-After"))
+        if status >= 500:
+            raise UpstreamUnavailable(f"{what} [http {status}]")
+        raise UpstreamStatusError(status, what)
+
+    def _note_rate_limit(self, response: aiohttp.ClientResponse) -> None:
+        if "RateLimit-Limit" in response.headers or "RateLimit-Remaining" in response.headers:
+            self.rate_limit = RateLimit(
+                _rate_limit_value(response.headers.get("RateLimit-Limit")),
+                _rate_limit_value(response.headers.get("RateLimit-Remaining")),
+            )
+
+    async def _send_with_auth(
+        self, method: str, url: URL, repository: str, headers: Mapping[str, str]
+    ) -> aiohttp.ClientResponse:
+        scope = f"repository:{repository}:pull"
+        authorization = self._authorization(scope)
+        response = await self._send_following_redirects(method, url, headers, authorization)
+        if response.status != 401:
+            return response
+        challenge = response.headers.get("WWW-Authenticate", "")
+        response.release()
+        scheme, params = _parse_challenge(challenge)
+        if scheme == "basic" and self.settings.has_credentials:
+            self._basic = True
+        elif scheme == "bearer" and "realm" in params:
+            await self._refresh_token(params, params.get("scope") or scope)
+        else:
+            raise UpstreamUnauthorized(401, f"{self.settings.name} requires credentials we lack")
+        authorization = self._authorization(params.get("scope") or scope)
+        return await self._send_following_redirects(method, url, headers, authorization)
+
+    def _authorization(self, scope: str) -> str | None:
+        token = self._tokens.get(scope)
+        if token is not None and token.expires_at > time.monotonic():
+            return f"Bearer {token.value}"
+        if self._basic and self.settings.username and self.settings.password:
+            return aiohttp.BasicAuth(self.settings.username, self.settings.password).encode()
+        return None
+
+    async def _send_following_redirects(
+        self, method: str, url: URL, headers: Mapping[str, str], authorization: str | None
+    ) -> aiohttp.ClientResponse:
+        request_headers = CIMultiDict(headers)
+        if authorization:
+            request_headers["Authorization"] = authorization
+        for _ in range(_MAX_REDIRECTS + 1):
+            response = await self._session.request(
+                method, url, headers=request_headers, allow_redirects=False
+            )
+            if response.status not in (301, 302, 303, 307, 308):
+                return response
+            location = response.headers.get("Location")
+            response.release()
+            if not location:
+                raise UpstreamError(f"{self.settings.name} sent a redirect without a Location")
+            target = url.join(URL(location))
+            if target.scheme not in ("http", "https") or not host_allowed(
+                target.host or "", self.settings
+            ):
+                raise UpstreamError(
+                    f"{self.settings.name} redirected to {target.host!r}, which is not one of "
+                    "its hosts; not followed"
+                )
+            if target.origin() != url.origin():
+                request_headers.pop("Authorization", None)
+            if response.status == 303:
+                method = "GET"
+            url = target
+        raise UpstreamError(f"{self.settings.name}: too many redirects")
+
+    async def _refresh_token(self, challenge: Mapping[str, str], scope: str) -> None:
+        """Fetch a token for `scope` from the challenge's realm, once per scope at a time."""
+        lock = self._token_locks.setdefault(scope, asyncio.Lock())
+        async with lock:
+            token = self._tokens.get(scope)
+            if token is not None and token.expires_at > time.monotonic():
+                return
+            self._tokens[scope] = await self._fetch_token(challenge, scope)
+
+    async def _fetch_token(self, challenge: Mapping[str, str], scope: str) -> _Token:
+        realm = URL(challenge["realm"])
+        if realm.scheme not in ("http", "https") or not host_allowed(
+            realm.host or "", self.settings
+        ):
+            raise UpstreamUnauthorized(
+                401,
+                f"{self.settings.name} named a token realm on {realm.host!r}, which is not one of "
+                "its hosts; not followed",
+            )
+        query = {"scope": scope}
+        if "service" in challenge:
+            query["service"] = challenge["service"]
+        auth = None
+        # Credentials go over TLS, or to the upstream's own host (a plain-HTTP test or intranet
+        # registry); never in clear text to anyone else.
+        secure = realm.scheme == "https" or realm.host == self.base.host
+        if self.settings.username and self.settings.password and secure:
+            auth = aiohttp.BasicAuth(self.settings.username, self.settings.password)
+        started = time.monotonic()
+        try:
+            async with self._session.get(realm.with_query(query), auth=auth) as response:
+                if response.status in (401, 403):
+                    raise UpstreamUnauthorized(
+                        response.status, f"{self.settings.name}'s token service refused us"
+                    )
+                if response.status != 200:
+                    raise UpstreamUnavailable(
+                        f"{self.settings.name}'s token service answered {response.status}"
+                    )
+                document = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise UpstreamUnavailable(
+                f"{self.settings.name}'s token service failed: {type(exc).__name__}"
+            ) from None
+        value = (
+            document.get("token") or document.get("access_token")
+            if isinstance(document, dict)
+            else None
+        )
+        if not isinstance(value, str):
+            raise UpstreamUnavailable(f"{self.settings.name}'s token service sent no token")
+        expires_in = document.get("expires_in", 60)
+        lifetime = max(float(expires_in) if isinstance(expires_in, int | float) else 60.0, 60.0)
+        return _Token(value, started + lifetime - _TOKEN_MARGIN)
