@@ -382,7 +382,10 @@ class Cache:
             ) from None
         tags = document.get("tags") if isinstance(document, dict) else None
         listed = [tag for tag in tags or [] if isinstance(tag, str)]
-        return Page(listed, _link_last(link) if link else None)
+        if link:
+            return Page(listed, _link_last(link))
+        # An upstream that does not paginate (distribution 2.x) gets paginated here.
+        return paginate(sorted(listed), n, last)
 
     async def referrers(
         self, target: Target, digest: Digest, artifact_type: str | None

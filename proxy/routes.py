@@ -211,6 +211,7 @@ class Routes:
         found = request.app[CACHE].blob(target, digest)
         if isinstance(found, LocalBlob):
             request[CACHE_STATUS] = "hit"
+            parse_range(request.headers.get("Range"), found.size)  # a 416 leaves as OCI JSON
             # sendfile, Range, conditional requests: aiohttp's FileResponse does them all.
             return web.FileResponse(found.path, headers=headers)
         request[CACHE_STATUS] = "miss"

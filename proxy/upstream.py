@@ -10,6 +10,7 @@ across host boundaries") and only to hosts the upstream is known to use.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 import time
@@ -63,6 +64,11 @@ def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
         m.group(1).lower(): m.group(2) or m.group(3) or "" for m in _CHALLENGE_PARAM.finditer(rest)
     }
     return scheme.lower(), params
+
+
+def _basic(username: str, password: str) -> str:
+    """An RFC 7617 Basic credential (aiohttp 3.14 deprecates its BasicAuth helper)."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
 
 
 def _rate_limit_value(header: str | None) -> int | None:
@@ -183,7 +189,7 @@ class UpstreamClient:
         if token is not None and token.expires_at > time.monotonic():
             return f"Bearer {token.value}"
         if self._basic and self.settings.username and self.settings.password:
-            return aiohttp.BasicAuth(self.settings.username, self.settings.password).encode()
+            return _basic(self.settings.username, self.settings.password)
         return None
 
     async def _send_following_redirects(
@@ -239,15 +245,15 @@ class UpstreamClient:
         query = {"scope": scope}
         if "service" in challenge:
             query["service"] = challenge["service"]
-        auth = None
+        headers = {}
         # Credentials go over TLS, or to the upstream's own host (a plain-HTTP test or intranet
         # registry); never in clear text to anyone else.
         secure = realm.scheme == "https" or realm.host == self.base.host
         if self.settings.username and self.settings.password and secure:
-            auth = aiohttp.BasicAuth(self.settings.username, self.settings.password)
+            headers["Authorization"] = _basic(self.settings.username, self.settings.password)
         started = time.monotonic()
         try:
-            async with self._session.get(realm.with_query(query), auth=auth) as response:
+            async with self._session.get(realm.with_query(query), headers=headers) as response:
                 if response.status in (401, 403):
                     raise UpstreamUnauthorized(
                         response.status, f"{self.settings.name}'s token service refused us"

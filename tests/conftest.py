@@ -1,0 +1,57 @@
+"""Shared fixtures: real upstream registries (plain, htpasswd, token auth)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.registry import Registry
+from tests.support.tokenserver import TokenServer
+
+USERS = {"alice": "wonderland"}
+"""The one account every authenticated upstream knows."""
+CREDS = "alice:wonderland"
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[Registry]:
+    """An anonymous-access registry, fresh per test."""
+    with Registry(tmp_path / "upstream") as registry:
+        yield registry
+
+
+@pytest.fixture
+def basic_upstream(tmp_path: Path) -> Iterator[Registry]:
+    """A registry behind HTTP Basic auth (htpasswd) for alice."""
+    with Registry(tmp_path / "basic-upstream", auth="htpasswd", users=USERS) as registry:
+        yield registry
+
+
+@pytest.fixture(scope="session")
+def _token_server_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenServer]:
+    # Key generation and the listener are shared; per-test state is reset below.
+    with TokenServer(tmp_path_factory.mktemp("token-server"), USERS) as server:
+        yield server
+
+
+@pytest.fixture
+def token_server(_token_server_session: TokenServer) -> Iterator[TokenServer]:
+    """The shared token server, with its request log and options reset for this test."""
+    server = _token_server_session
+    server.clear_requests()
+    yield server
+    server.allow_anonymous = False
+    server.expires_in = 300
+    server.policy = None
+    server.users = dict(USERS)
+    if not server.running:  # a test stopped it (e.g. to simulate an auth outage)
+        server.start()
+
+
+@pytest.fixture
+def token_upstream(tmp_path: Path, token_server: TokenServer) -> Iterator[Registry]:
+    """A registry using bearer-token auth issued by `token_server`."""
+    with Registry(tmp_path / "token-upstream", auth="token", token_server=token_server) as registry:
+        yield registry

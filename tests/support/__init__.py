@@ -1,0 +1,1 @@
+"""Test infrastructure: real upstream registries, a token server and image generators."""

@@ -1,0 +1,104 @@
+"""A tiny stand-in upstream, only for faults a real registry cannot produce.
+
+It serves one generated image from its OCI layout, and can be told to misbehave: send bytes
+that do not match a blob's digest. Everything else in the tests talks to real distribution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import TracebackType
+
+from aiohttp import web
+
+from tests.support.images import Image
+from tests.support.ports import free_port
+
+
+class StandIn:
+    """An aiohttp registry look-alike in a background thread, serving `image` as `repo`."""
+
+    def __init__(self, image: Image, repo: str) -> None:
+        self.image = image
+        self.repo = repo
+        self.port = free_port()
+        self.corrupt: set[str] = set()
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _base(self, request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    async def _manifest(self, request: web.Request) -> web.Response:
+        reference = request.match_info["reference"]
+        digest = self.image.digest if reference == self.image.tag else reference
+        data = self.image.manifests.get(digest)
+        if data is None:
+            return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
+        media_type = self.image.media_type if digest == self.image.digest else None
+        headers = {
+            "Docker-Content-Digest": digest,
+            "Content-Type": media_type or "application/vnd.oci.image.manifest.v1+json",
+        }
+        return web.Response(body=data, headers=headers)
+
+    async def _blob(self, request: web.Request) -> web.Response:
+        digest = request.match_info["digest"]
+        if digest not in self.image.blobs:
+            return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
+        data = self.image.blob_bytes(digest)
+        if digest in self.corrupt:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        return web.Response(body=data, headers={"Docker-Content-Digest": digest})
+
+    @web.middleware
+    async def _count(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        self.requests[(request.method, request.path)] += 1
+        return await handler(request)
+
+    async def _start(self) -> None:
+        app = web.Application(middlewares=[self._count])
+        app.router.add_get("/v2/", self._base)
+        app.router.add_get(f"/v2/{self.repo}/manifests/{{reference}}", self._manifest)
+        app.router.add_get(f"/v2/{self.repo}/blobs/{{digest}}", self._blob)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def _stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def __enter__(self) -> StandIn:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+
+def blob_files(data_dir: Path) -> set[str]:
+    """The digests (hex) of every blob a cache's data directory holds."""
+    blobs = data_dir / "blobs"
+    return {path.name for path in blobs.rglob("*") if path.is_file()} if blobs.exists() else set()

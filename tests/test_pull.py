@@ -1,0 +1,374 @@
+"""End to end: real clients (skopeo, podman) pull through registry-cache from real registries."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import CREDS
+from tests.support import skopeo
+from tests.support.images import Image, push, write_layout
+from tests.support.proxy import Proxy
+from tests.support.registry import Registry
+from tests.support.standin import StandIn, blob_files
+
+MakeProxy = Callable[..., Proxy]
+ACCEPT_ALL = ", ".join(
+    [
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    ]
+)
+
+
+@pytest.fixture
+def make_proxy(tmp_path: Path) -> Iterator[MakeProxy]:
+    """Start registry-cache servers with the given config; all are stopped at the end."""
+    started: list[Proxy] = []
+
+    def make(config: dict[str, Any], env: dict[str, str] | None = None) -> Proxy:
+        proxy = Proxy(tmp_path / f"proxy{len(started)}", config, env)
+        started.append(proxy)
+        return proxy.start()
+
+    yield make
+    for proxy in started:
+        proxy.stop()
+
+
+def one_upstream(
+    registry: Registry | StandIn, name: str = "test.local", **extra: Any
+) -> dict[str, Any]:
+    return {"upstreams": [{"name": name, "url": registry.url, **extra}], "default_upstream": name}
+
+
+def assert_same_image(copied: skopeo.DirCopy, image: Image) -> None:
+    assert copied.digest == image.digest
+    assert copied.manifests == image.manifests
+    assert copied.blobs == image.blobs
+
+
+def test_multi_platform_copy_is_identical_and_served_offline(
+    tmp_path: Path, upstream: Registry, make_proxy: MakeProxy
+) -> None:
+    image = write_layout(
+        tmp_path / "layout",
+        "v1",
+        [("linux", "amd64"), ("linux", "arm64")],
+        [300_000, 2_000_000],
+        seed=1,
+    )
+    push(image, upstream.host, "podman/hello")
+    proxy = make_proxy(one_upstream(upstream))
+    ref = f"docker://{proxy.host}/test.local/podman/hello:v1"
+
+    skopeo.copy(ref, f"dir:{tmp_path / 'first'}")
+    assert_same_image(skopeo.read_dir_copy(tmp_path / "first"), image)
+
+    upstream.stop()
+    skopeo.copy(ref, f"dir:{tmp_path / 'offline'}")
+    assert_same_image(skopeo.read_dir_copy(tmp_path / "offline"), image)
+    assert {entry["cache"] for entry in proxy.access_log() if "/blobs/" in entry["path"]} <= {
+        "hit",
+        "miss",
+    }
+
+
+def test_concurrent_cold_pulls_fetch_each_blob_once(
+    tmp_path: Path, upstream: Registry, make_proxy: MakeProxy
+) -> None:
+    image = write_layout(tmp_path / "layout", "big", None, [64 * 1024 * 1024, 100_000], seed=2)
+    push(image, upstream.host, "big/image")
+    upstream.clear_requests()
+    proxy = make_proxy(one_upstream(upstream))
+
+    clients = [
+        subprocess.Popen(
+            [
+                "skopeo",
+                "--insecure-policy",
+                "copy",
+                "--src-tls-verify=false",
+                f"docker://{proxy.host}/test.local/big/image:big",
+                f"dir:{tmp_path / f'copy{i}'}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=skopeo.env(),
+        )
+        for i in range(8)
+    ]
+    for client in clients:
+        _, stderr = client.communicate(timeout=180)
+        assert client.returncode == 0, stderr.decode()
+    for i in range(8):
+        assert_same_image(skopeo.read_dir_copy(tmp_path / f"copy{i}"), image)
+    for blob in image.blobs:
+        assert upstream.blob_gets(blob) == 1, blob
+    assert upstream.manifest_requests("GET", "big") == 1
+
+
+def test_moved_tag_follows_ttl_and_revalidates_with_head(
+    tmp_path: Path, upstream: Registry, make_proxy: MakeProxy
+) -> None:
+    old = write_layout(tmp_path / "old", "t", None, [10_000], seed=3)
+    new = write_layout(tmp_path / "new", "t", None, [10_000], seed=4)
+    push(old, upstream.host, "moving/repo")
+    proxy = make_proxy(
+        {
+            "upstreams": [
+                {"name": "fresh.local", "url": upstream.url, "manifest_ttl": 0},
+                {"name": "sticky.local", "url": upstream.url, "manifest_ttl": "1h"},
+            ],
+            "default_upstream": "fresh.local",
+        }
+    )
+
+    def pulled(upstream_name: str) -> str:
+        ref = f"docker://{proxy.host}/{upstream_name}/moving/repo:t"
+        skopeo.copy(ref, f"dir:{tmp_path / 'x'}", all=False)
+        return skopeo.read_dir_copy(tmp_path / "x").digest
+
+    assert pulled("fresh.local") == old.digest
+    assert pulled("sticky.local") == old.digest
+    upstream.clear_requests()
+    assert pulled("fresh.local") == old.digest
+    assert upstream.manifest_requests("HEAD", "t") == 1
+    assert upstream.manifest_requests("GET", "t") == 0
+
+    push(new, upstream.host, "moving/repo")
+    upstream.clear_requests()
+    assert pulled("fresh.local") == new.digest
+    assert upstream.manifest_requests("HEAD", "t") == 1
+    assert upstream.manifest_requests("GET", new.digest) == 1
+    assert pulled("sticky.local") == old.digest
+
+
+@pytest.mark.parametrize("kind", ["basic", "token"])
+def test_authenticated_upstreams(
+    tmp_path: Path,
+    kind: str,
+    request: pytest.FixtureRequest,
+    make_proxy: MakeProxy,
+) -> None:
+    registry: Registry = request.getfixturevalue(f"{kind}_upstream")
+    image = write_layout(tmp_path / "layout", "v1", None, [50_000, 60_000], seed=5)
+    push(image, registry.host, "private/app", creds=CREDS)
+    good = make_proxy(one_upstream(registry, username="alice", password="wonderland"))
+    bad = make_proxy(one_upstream(registry, username="alice", password="wrong-password"))
+
+    skopeo.copy(f"docker://{good.host}/test.local/private/app:v1", f"dir:{tmp_path / 'good'}")
+    assert_same_image(skopeo.read_dir_copy(tmp_path / "good"), image)
+    if kind == "token":
+        token_requests = request.getfixturevalue("token_server").requests
+        scopes = [
+            scope
+            for user, scope in token_requests
+            if user == "alice" and "private/app" in str(scope)
+        ]
+        # One token for the repository, reused for the manifest and every blob.
+        assert 1 <= len(scopes) <= 2
+
+    failed = skopeo.copy(
+        f"docker://{bad.host}/test.local/private/app:v1",
+        f"dir:{tmp_path / 'bad'}",
+        check=False,
+        timeout=60,
+    )
+    assert failed.returncode != 0
+    assert "unauthorized" in failed.stderr.lower() or "denied" in failed.stderr.lower()
+    assert "wrong-password" not in bad.log()
+    assert "wonderland" not in good.log()
+
+
+def test_corrupt_upstream_bytes_never_enter_the_cache(
+    tmp_path: Path, make_proxy: MakeProxy
+) -> None:
+    image = write_layout(tmp_path / "layout", "v1", None, [3_000_000], seed=6)
+    layer = image.layers[0]
+    with StandIn(image, "corrupt/app") as standin:
+        standin.corrupt.add(layer)
+        proxy = make_proxy(one_upstream(standin))
+        ref = f"docker://{proxy.host}/test.local/corrupt/app:v1"
+
+        failed = skopeo.copy(ref, f"dir:{tmp_path / 'bad'}", check=False, timeout=60)
+        assert failed.returncode != 0
+        assert layer.removeprefix("sha256:") not in blob_files(proxy.data)
+        assert list((proxy.data / "tmp").iterdir()) == []
+
+        standin.corrupt.clear()
+        skopeo.copy(ref, f"dir:{tmp_path / 'good'}")
+        assert_same_image(skopeo.read_dir_copy(tmp_path / "good"), image)
+        assert layer.removeprefix("sha256:") in blob_files(proxy.data)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/v2/test.local/../../etc/passwd", 400, "NAME_INVALID"),
+        ("GET", "/v2/test.local/%2e%2e/%2e%2e/etc/passwd/manifests/latest", 400, "NAME_INVALID"),
+        ("GET", "/v2/test.local/UPPER/manifests/latest", 400, "NAME_INVALID"),
+        ("GET", "/v2/test.local/app/blobs/sha256:abc", 400, "DIGEST_INVALID"),
+        ("GET", "/v2/test.local/app/blobs/sha256:" + "A" * 64, 400, "DIGEST_INVALID"),
+        ("GET", "/v2/test.local/app/blobs/md5:" + "a" * 32, 400, "DIGEST_INVALID"),
+        ("GET", "/v2/test.local/app/manifests/sha256:totallywrong", 400, "DIGEST_INVALID"),
+        ("GET", "/v2/test.local/app/manifests/bad%20tag", 400, "TAG_INVALID"),
+        ("GET", "/v2/evil.example/x/manifests/latest", 404, "NAME_UNKNOWN"),
+        ("GET", "/v2/localhost/x/manifests/latest", 404, "NAME_UNKNOWN"),
+        ("GET", "/v2/x/manifests/latest?ns=evil.example", 404, "NAME_UNKNOWN"),
+        ("GET", "/v2/test.local/app/tags/list?n=-1", 400, "PAGINATION_NUMBER_INVALID"),
+        ("PUT", "/v2/test.local/app/manifests/latest", 405, "UNSUPPORTED"),
+        ("POST", "/v2/test.local/app/blobs/uploads/", 405, "UNSUPPORTED"),
+        ("PATCH", "/v2/test.local/app/blobs/uploads/abc", 405, "UNSUPPORTED"),
+        ("DELETE", "/v2/test.local/app/manifests/sha256:" + "a" * 64, 405, "UNSUPPORTED"),
+    ],
+)
+def test_bad_input_gets_oci_errors_and_goes_nowhere(
+    tmp_path: Path,
+    upstream: Registry,
+    make_proxy: MakeProxy,
+    method: str,
+    path: str,
+    status: int,
+    code: str,
+) -> None:
+    proxy = make_proxy(one_upstream(upstream))
+    upstream.clear_requests()
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+
+    got, headers, body = proxy.get(path, method=method)
+
+    assert (got, json.loads(body)["errors"][0]["code"]) == (status, code)
+    assert headers["Content-Type"].startswith("application/json")
+    assert upstream.requests() == []
+    after = sorted(
+        str(p) for p in tmp_path.rglob("*") if not str(p).endswith(("proxy.log", "-wal", "-shm"))
+    )
+    assert set(after) <= set(before)
+
+
+def test_docker_hub_mirror_mode_and_containerd_ns(
+    tmp_path: Path, upstream: Registry, basic_upstream: Registry, make_proxy: MakeProxy
+) -> None:
+    alpine = write_layout(tmp_path / "alpine", "latest", None, [20_000], seed=7)
+    hello = write_layout(tmp_path / "hello", "latest", None, [20_000], seed=8)
+    push(alpine, upstream.host, "library/alpine")
+    push(hello, basic_upstream.host, "podman/hello", creds=CREDS)
+    proxy = make_proxy(
+        {
+            "upstreams": [
+                {"name": "docker.io", "url": upstream.url},
+                {
+                    "name": "quay.io",
+                    "url": basic_upstream.url,
+                    "username": "alice",
+                    "password": "wonderland",
+                },
+            ]
+        }
+    )
+    accept = {"Accept": ACCEPT_ALL}
+    for path in (
+        "/v2/library/alpine/manifests/latest",
+        "/v2/alpine/manifests/latest",
+        "/v2/docker.io/alpine/manifests/latest",
+        "/v2/docker.io/library/alpine/manifests/latest",
+        "/v2/library/alpine/manifests/latest?ns=docker.io",
+    ):
+        status, headers, body = proxy.get(path, accept)
+        assert (status, headers["Docker-Content-Digest"]) == (200, alpine.digest), path
+        assert body == alpine.raw
+
+    status, headers, _ = proxy.get("/v2/podman/hello/manifests/latest?ns=quay.io", accept)
+    assert (status, headers["Docker-Content-Digest"]) == (200, hello.digest)
+    served = [
+        e
+        for e in basic_upstream.entries()
+        if e.path.endswith("/manifests/latest") and e.status == 200
+    ]
+    assert len(served) == 1
+
+    status, headers, body = proxy.get("/v2/podman/hello/manifests/latest", accept)
+    assert status == 404, "without ns the name goes to Docker Hub, which lacks it"
+
+
+def test_manifest_head_and_blob_range_and_listings(
+    tmp_path: Path, upstream: Registry, make_proxy: MakeProxy
+) -> None:
+    image = write_layout(tmp_path / "layout", "v1", None, [1_000_000], seed=9)
+    push(image, upstream.host, "lists/app")
+    for tag in ("v2", "v3"):
+        push(image, upstream.host, "lists/app", tag=tag)
+    proxy = make_proxy(one_upstream(upstream))
+    base = "/v2/test.local/lists/app"
+
+    status, head, body = proxy.get(f"{base}/manifests/v1", {"Accept": ACCEPT_ALL}, method="HEAD")
+    assert (status, body) == (200, b"")
+    assert head["Content-Length"] == str(len(image.raw))
+    assert head["Docker-Content-Digest"] == image.digest
+    assert head["Content-Type"] == image.media_type
+
+    layer = image.layers[0]
+    size = image.blobs[layer]
+    upstream.clear_requests()
+    status, head, _ = proxy.get(f"{base}/blobs/{layer}", method="HEAD")
+    assert (status, head["Content-Length"]) == (200, str(size))
+    assert upstream.blob_gets(layer) == 0, "a HEAD on an uncached blob is not a download"
+
+    content = image.blob_bytes(layer)
+    status, head, body = proxy.get(f"{base}/blobs/{layer}", {"Range": "bytes=10-99"})
+    assert (status, body, head["Content-Range"]) == (206, content[10:100], f"bytes 10-99/{size}")
+    status, head, body = proxy.get(f"{base}/blobs/{layer}", {"Range": "bytes=10-99"})
+    assert (status, body) == (206, content[10:100])
+    assert head["Docker-Content-Digest"] == layer
+    status, _, body = proxy.get(f"{base}/blobs/{layer}", {"Range": f"bytes={size}-"})
+    assert (status, json.loads(body)["errors"][0]["code"]) == (416, "RANGE_INVALID")
+
+    status, head, body = proxy.get(f"{base}/tags/list?n=2")
+    assert json.loads(body) == {"name": "test.local/lists/app", "tags": ["v1", "v2"]}
+    assert head["Link"] == f'<{base}/tags/list?last=v2&n=2>; rel="next"'
+    status, head, body = proxy.get(f"{base}/tags/list?n=2&last=v2")
+    assert json.loads(body)["tags"] == ["v3"]
+
+    status, head, body = proxy.get("/v2/_catalog?n=10")
+    assert json.loads(body) == {"repositories": ["test.local/lists/app"]}
+
+
+def test_podman_pulls_by_name_and_as_docker_hub_mirror(
+    tmp_path: Path, upstream: Registry, make_proxy: MakeProxy
+) -> None:
+    from tests.support.podman import Podman
+
+    image = write_layout(tmp_path / "layout", "latest", None, [200_000], seed=10)
+    push(image, upstream.host, "podman/hello")
+    push(image, upstream.host, "library/busybox")
+    proxy = make_proxy(
+        {
+            "upstreams": [
+                {"name": "docker.io", "url": upstream.url},
+                {"name": "quay.io", "url": upstream.url},
+            ]
+        }
+    )
+    with Podman(tmp_path / "podman") as podman:
+        podman.pull(f"{proxy.host}/quay.io/podman/hello:latest")
+        assert podman.image_digest(f"{proxy.host}/quay.io/podman/hello:latest") == image.digest
+        registries = tmp_path / "registries.conf"
+        registries.write_text(
+            'unqualified-search-registries = ["docker.io"]\n'
+            '[[registry]]\nlocation = "docker.io"\n'
+            f'[[registry.mirror]]\nlocation = "{proxy.host}"\ninsecure = true\n'
+        )
+        podman.pull("docker.io/library/busybox:latest", registries_conf=registries)
+        assert podman.image_digest("docker.io/library/busybox:latest") == image.digest
+    mirrored = [
+        e for e in proxy.access_log() if e["path"] == "/v2/library/busybox/manifests/latest"
+    ]
+    assert mirrored and mirrored[0]["status"] == 200
