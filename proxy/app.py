@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Final
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
+from cleaner.reconcile import reconcile
+from cleaner.service import Cleaner
+
 from . import errors
 from .cache import Cache
 from .errors import RegistryError
 from .metadata import Metadata
+from .metrics import Metrics
 from .routes import API_VERSION_HEADERS, CACHE, CACHE_STATUS, Routes
 from .settings import Settings
 from .store import BlobStore
 from .upstream import UpstreamClient
 
-__all__ = ["AccessLogger", "build_app"]
+__all__ = ["METRICS", "AccessLogger", "build_app"]
 
 log = logging.getLogger(__name__)
+
+METRICS: Final = web.AppKey("metrics", Metrics)
+_ACCESS_FLUSH_INTERVAL: Final = 5.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -99,24 +108,91 @@ async def ready(request: web.Request) -> web.Response:
     )
 
 
+def _route_label(path: str) -> str:
+    """A low-cardinality name for what a request asked for."""
+    if not path.startswith("/v2"):
+        return path.strip("/") if path in ("/healthz", "/readyz", "/metrics") else "other"
+    for label in ("blobs", "manifests", "referrers"):
+        if f"/{label}/" in path:
+            return label
+    if path.endswith("/tags/list"):
+        return "tags"
+    return "catalog" if path == "/v2/_catalog" else "base" if path in ("/v2", "/v2/") else "other"
+
+
+@web.middleware
+async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await handler(request)
+    request.app[METRICS].requests.labels(
+        _route_label(request.path), request.method, str(response.status)
+    ).inc()
+    return response
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(), content_type="text/plain")
+
+
+async def _flush_access_times(metadata: Metadata) -> None:
+    """Write batched access times every few seconds: no database write per request."""
+    while True:
+        await asyncio.sleep(_ACCESS_FLUSH_INTERVAL)
+        try:
+            await metadata.flush_access_times()
+        except Exception:
+            log.exception("writing access times failed")
+
+
+def _watch(metrics: Metrics, cache: Cache) -> None:
+    def read() -> dict[str, float | dict[str, float]]:
+        limits = {
+            name: client.rate_limit for name, client in cache.upstreams.items() if client.rate_limit
+        }
+        return {
+            "cache_size_bytes": cache.metadata.total_size,
+            "cache_items": cache.metadata.total_items,
+            "inflight_downloads": len(cache.downloads),
+            "ratelimit_limit": {
+                name: rate.limit for name, rate in limits.items() if rate.limit is not None
+            },
+            "ratelimit_remaining": {
+                name: rate.remaining for name, rate in limits.items() if rate.remaining is not None
+            },
+        }
+
+    metrics.watch(read)
+
+
 def build_app(settings: Settings) -> web.Application:
     """The application; its resources are opened on startup and closed on cleanup."""
-    app = web.Application(middlewares=[oci_errors], client_max_size=1024**2)
+    app = web.Application(middlewares=[count_requests, oci_errors], client_max_size=1024**2)
+    metrics = app[METRICS] = Metrics()
+    metrics.max_size.set(settings.cleaner.max_size)
+    metrics.high_water.set(settings.cleaner.high_water_mark)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         store = BlobStore(settings.storage_root)
         metadata = Metadata(store.root / "metadata.db")
         await metadata.open()
+        await reconcile(store, metadata)
         upstreams = {
             name: UpstreamClient(
                 upstream,
                 connect_timeout=settings.upstream_connect_timeout,
                 read_timeout=settings.upstream_read_timeout,
+                metrics=metrics,
             )
             for name, upstream in settings.upstreams.items()
         }
-        cache = Cache(settings, store, metadata, upstreams)
+        cache = Cache(settings, store, metadata, upstreams, metrics)
+        cleaner = Cleaner(settings.cleaner, store, metadata, cache.in_use, metrics)
+        cache.on_incoming = cleaner.nudge
         app[CACHE] = cache
+        _watch(metrics, cache)
+        background = [
+            asyncio.create_task(cleaner.serve(), name="cleaner"),
+            asyncio.create_task(_flush_access_times(metadata), name="access-times"),
+        ]
         log.info(
             "serving upstreams %s (default %s), data in %s",
             ", ".join(sorted(upstreams)),
@@ -126,6 +202,9 @@ def build_app(settings: Settings) -> web.Application:
         try:
             yield
         finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await cache.close()
             for client in upstreams.values():
                 await client.close()
@@ -134,5 +213,6 @@ def build_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(resources)
     app.router.add_get("/healthz", health)
     app.router.add_get("/readyz", ready)
+    app.router.add_get("/metrics", metrics_endpoint)
     Routes(settings).install(app)
     return app

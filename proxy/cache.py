@@ -12,7 +12,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -24,6 +25,7 @@ from .errors import RegistryError, UpstreamError
 from .flight import CHUNK_SIZE, BlobDownload, SingleFlight
 from .manifest import ACCEPT_ALL, MAX_MANIFEST_SIZE, Manifest, acceptable, read_manifest
 from .metadata import ItemRecord, Metadata, TagRecord
+from .metrics import Metrics
 from .reference import Digest, Tag, Target
 from .settings import Settings
 from .store import BlobStore
@@ -88,15 +90,38 @@ class Cache:
         store: BlobStore,
         metadata: Metadata,
         upstreams: Mapping[str, UpstreamClient],
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.store = store
         self.metadata = metadata
         self.upstreams = upstreams
         self.downloads: dict[Digest, BlobDownload] = {}
         self._download_tasks: set[asyncio.Task[None]] = set()
-        self._manifest_flights: SingleFlight[tuple[object, ...], Manifest] = SingleFlight()
+        self._manifest_flights: SingleFlight[tuple[object, ...], Manifest] = SingleFlight(
+            on_join=metrics.coalesced.labels("manifest").inc
+        )
         self._stale_warned: dict[str, float] = {}
+        self._leases: Counter[Digest] = Counter()
+        # Called with the size of every blob about to be stored: the cleaner's early warning.
+        self.on_incoming: Callable[[int], None] = lambda size: None
+
+    @contextlib.contextmanager
+    def lease(self, digest: Digest) -> Iterator[None]:
+        """Hold a stored blob while it is served, so the cleaner leaves it alone."""
+        self._leases[digest] += 1
+        try:
+            yield
+        finally:
+            self._leases[digest] -= 1
+            if not self._leases[digest]:
+                del self._leases[digest]
+
+    def in_use(self, digest: str) -> bool:
+        """Whether a blob is being served or downloaded right now."""
+        parsed = Digest.parse(digest)
+        return parsed in self._leases or parsed in self.downloads
 
     async def readiness_problems(self) -> list[str]:
         """What keeps the cache from serving well: an unwritable store or a closed database."""
@@ -118,6 +143,13 @@ class Cache:
         self, target: Target, reference: Tag | Digest, accept: tuple[str, ...]
     ) -> Manifest:
         """The manifest a GET or HEAD of `reference` answers with."""
+        manifest = await self._manifest(target, reference, accept)
+        (self.metrics.misses if manifest.fetched else self.metrics.hits).labels("manifest").inc()
+        return manifest
+
+    async def _manifest(
+        self, target: Target, reference: Tag | Digest, accept: tuple[str, ...]
+    ) -> Manifest:
         if isinstance(reference, Digest):
             return await self._manifest_by_digest(target, reference)
         ttl = self.upstreams[target.upstream].settings.manifest_ttl
@@ -238,11 +270,10 @@ class Cache:
         await asyncio.to_thread(self.store.write, digest, data)
         await self.metadata.add_item(
             ItemRecord(str(digest), "manifest", len(data), media_type),
-            target.upstream,
-            target.repository,
+            (target.upstream, target.repository),
             children,
         )
-        return Manifest(digest, media_type, data)
+        return Manifest(digest, media_type, data, fetched=True)
 
     @staticmethod
     def _verify_manifest(data: bytes, expected: Digest | None, header: str | None) -> Digest:
@@ -284,9 +315,13 @@ class Cache:
         """The stored blob, or the download that is bringing it in (started if need be)."""
         local = self.local_blob(digest)
         if local is not None:
+            self.metrics.hits.labels("blob").inc()
             return local
+        self.metrics.misses.labels("blob").inc()
         download = self.downloads.get(digest)
-        if download is None:
+        if download is not None:
+            self.metrics.coalesced.labels("blob").inc()
+        else:
             download = BlobDownload(digest, self.store.temp_path())
             self.downloads[digest] = download
             task = asyncio.create_task(self._download(target, download))
@@ -320,6 +355,7 @@ class Cache:
                 "GET", f"{target.repository}/blobs/{digest}", repository=target.repository
             ) as response:
                 download.start(response.content_length)
+                self.on_incoming(response.content_length or 0)
                 buffer = bytearray()
                 async for chunk in response.content.iter_chunked(CHUNK_SIZE):
                     buffer += chunk
@@ -345,8 +381,7 @@ class Cache:
             self.store.commit(download.temp_path, digest)
             await self.metadata.add_item(
                 ItemRecord(str(digest), "blob", download.written, None),
-                target.upstream,
-                target.repository,
+                (target.upstream, target.repository),
             )
         except OSError as exc:
             log.error("could not store %s: %s", digest, exc)

@@ -34,9 +34,9 @@ CHUNK_SIZE: Final = 1024 * 1024
 class SingleFlight(Generic[K, V]):
     """Concurrent calls with the same key share one execution and its outcome."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_join: Callable[[], None] = lambda: None) -> None:
         self._running: dict[K, asyncio.Task[V]] = {}
-        self.coalesced = 0
+        self._on_join = on_join
 
     async def do(self, key: K, work: Callable[[], Awaitable[V]]) -> V:
         task = self._running.get(key)
@@ -45,7 +45,7 @@ class SingleFlight(Generic[K, V]):
             self._running[key] = task
             task.add_done_callback(lambda _: self._running.pop(key, None))
         else:
-            self.coalesced += 1
+            self._on_join()
         # A caller that goes away must not cancel the work the others wait for.
         return await asyncio.shield(task)
 

@@ -42,6 +42,7 @@ class Manifest:
     digest: Digest
     media_type: str
     data: bytes
+    fetched: bool = False  # True when this request's answer came from the upstream
 
 
 def parse_accept(values: list[str]) -> tuple[str, ...]:

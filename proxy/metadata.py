@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeVar
 
-__all__ = ["ItemRecord", "Metadata", "TagRecord"]
+__all__ = ["Candidate", "ItemRecord", "Metadata", "TagListing", "TagRecord", "Usage"]
 
 T = TypeVar("T")
 
@@ -56,7 +56,21 @@ CREATE TABLE IF NOT EXISTS tags (
     checked_at REAL NOT NULL,
     PRIMARY KEY (upstream, repository, tag)
 );
+CREATE TABLE IF NOT EXISTS pins (
+    digest TEXT NOT NULL,
+    owner  TEXT NOT NULL,
+    PRIMARY KEY (digest, owner)
+);
 """
+
+_TOTALS: Final = "SELECT coalesce(sum(size), 0), count(*) FROM items"
+
+# Everything a pinned item refers to is protected with it.
+_PROTECTED: Final = (
+    "WITH RECURSIVE protected(digest) AS ("
+    " SELECT digest FROM pins"
+    " UNION SELECT child FROM children JOIN protected ON parent = protected.digest)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +82,44 @@ class ItemRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Candidate:
+    """An item the cleaner may evict, oldest use first."""
+
+    digest: str
+    kind: str
+    size: int
+    accessed_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Bytes and items, in total or for one upstream or repository."""
+
+    name: str
+    size: int
+    items: int
+
+
+@dataclass(frozen=True, slots=True)
+class TagListing:
+    upstream: str
+    repository: str
+    tag: str
+    digest: str
+    size: int
+    accessed_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class TagRecord:
     digest: str
     checked_at: float
+
+
+def _like_prefix(prefix: str) -> str:
+    """A LIKE pattern for names under `prefix` (whole path components)."""
+    escaped = prefix.strip("/").replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"{escaped}/%" if escaped else "%"
 
 
 class Metadata:
@@ -83,6 +132,9 @@ class Metadata:
         self._tags: dict[tuple[str, str, str], TagRecord] = {}
         self._items: dict[str, ItemRecord] = {}
         self._pending_access: dict[str, float] = {}
+        # The sum of all item sizes, kept current so the hot path can compare it to the budget.
+        self.total_size = 0
+        self.total_items = 0
 
     async def _run(self, function: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
@@ -108,6 +160,7 @@ class Metadata:
             return db
 
         self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        self.total_size, self.total_items = await self.totals()
 
     async def close(self) -> None:
         if self._db is None:
@@ -138,39 +191,150 @@ class Metadata:
     async def add_item(
         self,
         record: ItemRecord,
-        upstream: str,
-        repository: str,
+        holder: tuple[str, str] | None,
         children: Iterable[str] = (),
     ) -> None:
-        """Record a stored item, the repository it was pulled through, and what it refers to."""
+        """Record a stored item, the (upstream, repository) it was pulled through if any, and
+        what it refers to."""
         now = time.time()
         child_rows = [(record.digest, child) for child in children]
 
-        def insert(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT INTO items (digest, kind, size, media_type, stored_at, accessed_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (digest) DO UPDATE SET accessed_at = excluded.accessed_at",
+        def insert(db: sqlite3.Connection) -> bool:
+            added = db.execute(
+                "INSERT OR IGNORE INTO items"
+                " (digest, kind, size, media_type, stored_at, accessed_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
                 (record.digest, record.kind, record.size, record.media_type, now, now),
-            )
+            ).rowcount
+            if not added:
+                # A file adopted at start-up as a plain blob may turn out to be a manifest.
+                db.execute(
+                    "UPDATE items SET accessed_at = ?, kind = ?,"
+                    " media_type = coalesce(?, media_type) WHERE digest = ?",
+                    (now, record.kind, record.media_type, record.digest),
+                )
             db.executemany("INSERT OR IGNORE INTO children VALUES (?, ?)", child_rows)
-            db.execute(
-                "INSERT OR IGNORE INTO holdings VALUES (?, ?, ?)",
-                (upstream, repository, record.digest),
-            )
+            if holder is not None:
+                db.execute(
+                    "INSERT OR IGNORE INTO holdings VALUES (?, ?, ?)", (*holder, record.digest)
+                )
+            return bool(added)
 
-        await self._run(insert)
+        if await self._run(insert):
+            self.total_size += record.size
+            self.total_items += 1
         self._items[record.digest] = record
 
-    async def add_holding(self, upstream: str, repository: str, digest: str) -> None:
-        """Note that a repository also holds an already stored item (a cross-repo hit)."""
+    async def remove_item(self, digest: str) -> None:
+        """Forget an item whose file was deleted; its tags, holdings and links go with it."""
 
-        def insert(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT OR IGNORE INTO holdings VALUES (?, ?, ?)", (upstream, repository, digest)
+        def delete(db: sqlite3.Connection) -> int:
+            row = db.execute(
+                "DELETE FROM items WHERE digest = ? RETURNING size", (digest,)
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+        freed = await self._run(delete)
+        self.total_size -= freed
+        self.total_items -= 1 if freed else 0
+        self.forget_cached(digest)
+        for key in [key for key, tag in self._tags.items() if tag.digest == digest]:
+            del self._tags[key]
+
+    async def totals(self) -> tuple[int, int]:
+        """Bytes and number of items the database knows."""
+
+        def select(db: sqlite3.Connection) -> tuple[int, int]:
+            size, count = db.execute(
+                "SELECT coalesce(sum(size), 0), count(*) FROM items"
+            ).fetchone()
+            return int(size), int(count)
+
+        return await self._run(select)
+
+    async def items(self) -> list[ItemRecord]:
+        def select(db: sqlite3.Connection) -> list[ItemRecord]:
+            rows = db.execute("SELECT digest, kind, size, media_type FROM items")
+            return [ItemRecord(*row) for row in rows]
+
+        return await self._run(select)
+
+    async def eviction_candidates(self) -> list[Candidate]:
+        """Every unpinned item, least recently used first; manifests before their blobs."""
+
+        def select(db: sqlite3.Connection) -> list[Candidate]:
+            rows = db.execute(
+                f"{_PROTECTED} SELECT digest, kind, size, accessed_at FROM items"
+                " WHERE digest NOT IN (SELECT digest FROM protected)"
+                " ORDER BY accessed_at, kind DESC"
+            )
+            return [Candidate(*row) for row in rows]
+
+        return await self._run(select)
+
+    async def pinned_size(self) -> int:
+        def select(db: sqlite3.Connection) -> int:
+            row = db.execute(
+                f"{_PROTECTED} SELECT coalesce(sum(size), 0) FROM items"
+                " WHERE digest IN (SELECT digest FROM protected)"
+            ).fetchone()
+            return int(row[0])
+
+        return await self._run(select)
+
+    async def set_pins(self, owner: str, digests: Iterable[str]) -> None:
+        """Make `digests` (and what they refer to) the whole set `owner` protects."""
+        rows = [(digest, owner) for digest in digests]
+
+        def replace(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM pins WHERE owner = ?", (owner,))
+            db.executemany("INSERT OR IGNORE INTO pins VALUES (?, ?)", rows)
+
+        await self._run(replace)
+
+    async def usage(self) -> tuple[Usage, list[Usage], list[Usage]]:
+        """Size and items in total, per upstream and per repository (a shared blob counts in
+        every repository that holds it, once in the totals)."""
+
+        def select(db: sqlite3.Connection) -> tuple[Usage, list[Usage], list[Usage]]:
+            size, count = db.execute(
+                "SELECT coalesce(sum(size), 0), count(*) FROM items"
+            ).fetchone()
+            per_upstream = db.execute(
+                "SELECT upstream, sum(size), count(*) FROM"
+                " (SELECT DISTINCT upstream, digest FROM holdings) JOIN items USING (digest)"
+                " GROUP BY upstream ORDER BY upstream"
+            )
+            upstreams = [Usage(*row) for row in per_upstream]
+            per_repository = db.execute(
+                "SELECT upstream || '/' || repository, sum(size), count(*) FROM holdings"
+                " JOIN items USING (digest) GROUP BY upstream, repository ORDER BY 1"
+            )
+            return (
+                Usage("total", int(size), int(count)),
+                upstreams,
+                [Usage(*r) for r in per_repository],
             )
 
-        await self._run(insert)
+        return await self._run(select)
+
+    async def tag_listing(self, prefix: str = "") -> list[TagListing]:
+        """Tags under `upstream[/repository]`, with the size of the whole image they name."""
+
+        def select(db: sqlite3.Connection) -> list[TagListing]:
+            rows = db.execute(
+                "SELECT upstream, repository, tag, tags.digest, ("
+                "  WITH RECURSIVE tree(digest) AS (SELECT tags.digest UNION"
+                "   SELECT child FROM children JOIN tree ON parent = tree.digest)"
+                "  SELECT coalesce(sum(size), 0) FROM items WHERE digest IN tree"
+                " ), items.accessed_at FROM tags JOIN items USING (digest)"
+                " WHERE upstream || '/' || repository || '/' LIKE ? ESCAPE '\\'"
+                " ORDER BY upstream, repository, tag",
+                (_like_prefix(prefix),),
+            )
+            return [TagListing(*row) for row in rows]
+
+        return await self._run(select)
 
     def forget_cached(self, digest: str) -> None:
         """Drop the in-memory copy of an item whose file is gone."""

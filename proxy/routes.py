@@ -183,7 +183,7 @@ class Routes:
         ref: Tag | Digest = Digest.parse(reference) if ":" in reference else Tag.parse(reference)
         accept = parse_accept(request.headers.getall("Accept", []))
         manifest = await request.app[CACHE].manifest(target, ref, accept)
-        request[CACHE_STATUS] = "hit"
+        request[CACHE_STATUS] = "miss" if manifest.fetched else "hit"
         return web.Response(
             body=manifest.data,
             headers={
@@ -208,12 +208,18 @@ class Routes:
             if size is not None:
                 headers["Content-Length"] = str(size)
             return web.Response(headers=headers)
-        found = request.app[CACHE].blob(target, digest)
-        if isinstance(found, LocalBlob):
-            request[CACHE_STATUS] = "hit"
-            parse_range(request.headers.get("Range"), found.size)  # a 416 leaves as OCI JSON
-            # sendfile, Range, conditional requests: aiohttp's FileResponse does them all.
-            return web.FileResponse(found.path, headers=headers)
+        cache = request.app[CACHE]
+        with cache.lease(digest):
+            found = cache.blob(target, digest)
+            if isinstance(found, LocalBlob):
+                request[CACHE_STATUS] = "hit"
+                parse_range(request.headers.get("Range"), found.size)  # a 416 as OCI JSON
+                # sendfile, Range, conditional requests: aiohttp's FileResponse does them all.
+                # It is sent here, under the lease, so the cleaner cannot remove it meanwhile.
+                response = web.FileResponse(found.path, headers=headers)
+                await response.prepare(request)
+                cache.metrics.bytes_served.labels("cache").inc(response.content_length or 0)
+                return response
         request[CACHE_STATUS] = "miss"
         return await self._stream_download(request, found, headers)
 
@@ -235,6 +241,7 @@ class Routes:
             async with contextlib.aclosing(download.read(start, end)) as chunks:
                 async for chunk in chunks:
                     await response.write(chunk)
+                    request.app[CACHE].metrics.bytes_served.labels("upstream").inc(len(chunk))
         except (RegistryError, errors.BlobVerificationError) as exc:
             # The status is sent: the only honest signal left is to cut the connection, so
             # the client sees a short transfer instead of a complete one.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import RegistryError
@@ -76,17 +75,23 @@ class BlobStore:
             return 0
         return size
 
-    def digests(self) -> Iterator[tuple[Digest, Path]]:
-        """Every file in the store whose name is a valid digest path; slow, walks the disk."""
-        for algorithm_dir in self.blobs.iterdir():
-            for prefix_dir in algorithm_dir.iterdir() if algorithm_dir.is_dir() else ():
-                for path in prefix_dir.iterdir() if prefix_dir.is_dir() else ():
-                    try:
-                        digest = Digest.parse(f"{algorithm_dir.name}:{path.name}")
-                    except RegistryError:
-                        continue
-                    if path == self.path(digest):
-                        yield digest, path
+    def scan(self) -> tuple[dict[Digest, Path], list[Path]]:
+        """Every file under `blobs/`: those at their digest's path, and strays. Walks the disk."""
+        found: dict[Digest, Path] = {}
+        strays: list[Path] = []
+        for path in self.blobs.rglob("*"):
+            if path.is_dir():
+                continue
+            relative = path.relative_to(self.blobs).parts
+            try:
+                digest = Digest.parse(f"{relative[0]}:{path.name}") if len(relative) == 3 else None
+            except RegistryError:
+                digest = None
+            if digest is not None and self.path(digest) == path:
+                found[digest] = path
+            else:
+                strays.append(path)
+        return found, strays
 
     def writable(self) -> bool:
         """Whether a file can be created in the store; blocking."""

@@ -31,6 +31,7 @@ from .errors import (
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
+from .metrics import Metrics
 from .settings import UpstreamSettings, host_allowed
 
 __all__ = ["RateLimit", "UpstreamClient"]
@@ -88,8 +89,10 @@ class UpstreamClient:
         *,
         connect_timeout: float,
         read_timeout: float,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.base = URL(settings.url)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=60),
@@ -199,9 +202,7 @@ class UpstreamClient:
         if authorization:
             request_headers["Authorization"] = authorization
         for _ in range(_MAX_REDIRECTS + 1):
-            response = await self._session.request(
-                method, url, headers=request_headers, allow_redirects=False
-            )
+            response = await self._send_single(method, url, request_headers)
             if response.status not in (301, 302, 303, 307, 308):
                 return response
             location = response.headers.get("Location")
@@ -222,6 +223,22 @@ class UpstreamClient:
                 method = "GET"
             url = target
         raise UpstreamError(f"{self.settings.name}: too many redirects")
+
+    async def _send_single(
+        self, method: str, url: URL, headers: CIMultiDict[str]
+    ) -> aiohttp.ClientResponse:
+        name = self.settings.name
+        started = time.monotonic()
+        try:
+            response = await self._session.request(
+                method, url, headers=headers, allow_redirects=False
+            )
+        except (aiohttp.ClientError, TimeoutError):
+            self.metrics.upstream_requests.labels(name, "error").inc()
+            raise
+        self.metrics.upstream_latency.labels(name).observe(time.monotonic() - started)
+        self.metrics.upstream_requests.labels(name, str(response.status)).inc()
+        return response
 
     async def _refresh_token(self, challenge: Mapping[str, str], scope: str) -> None:
         """Fetch a token for `scope` from the challenge's realm, once per scope at a time."""

@@ -1,0 +1,127 @@
+"""The cleaner: keeps the cache under its disk budget, least recently used first.
+
+It runs every `run_every`, and at once when a download pushes the cache past the high-water
+mark (`max_size * (1 + threshold/100)`), so that a burst of pulls cannot fill the disk between
+two runs. Sizes come from the metadata database: no walk of the disk per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from proxy.metadata import Candidate, Metadata
+from proxy.metrics import Metrics
+from proxy.reference import Digest
+from proxy.settings import CleanerSettings
+from proxy.store import BlobStore
+
+from .policy import choose_victims
+
+__all__ = ["Cleaner", "EvictionReport"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EvictionReport:
+    """What one pass did, or (dry run) would do."""
+
+    size_before: int
+    target: int
+    victims: list[Candidate] = field(default_factory=list)
+
+    @property
+    def freed(self) -> int:
+        return sum(victim.size for victim in self.victims)
+
+
+class Cleaner:
+    """Evicts from one store and its metadata; one per process."""
+
+    def __init__(
+        self,
+        settings: CleanerSettings,
+        store: BlobStore,
+        metadata: Metadata,
+        in_use: Callable[[str], bool] = lambda digest: False,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.metadata = metadata
+        self.in_use = in_use
+        self.metrics = metrics
+        self._nudged = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    def nudge(self, incoming: int = 0) -> None:
+        """Wake the cleaner now if `incoming` more bytes would pass the high-water mark."""
+        if self.metadata.total_size + incoming > self.settings.high_water_mark:
+            self._nudged.set()
+
+    async def serve(self) -> None:
+        """Run every `run_every`, or when nudged; until cancelled."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._nudged.wait(), timeout=self.settings.run_every)
+            self._nudged.clear()
+            if self.metadata.total_size > self.settings.high_water_mark:
+                try:
+                    await self.clean()
+                except Exception:
+                    log.exception("cleaner pass failed")
+
+    async def clean(self, max_size: int | None = None, dry_run: bool = False) -> EvictionReport:
+        """Evict least recently used items until the cache holds at most `max_size`."""
+        async with self._lock:
+            started = time.monotonic()
+            await self.metadata.flush_access_times()
+            target = self.settings.max_size if max_size is None else max_size
+            total, _ = await self.metadata.totals()
+            pinned = await self.metadata.pinned_size()
+            if pinned > target:
+                log.warning(
+                    "pinned images alone take %d bytes, over the %d-byte budget; "
+                    "evicting everything else",
+                    pinned,
+                    target,
+                )
+            candidates = await self.metadata.eviction_candidates()
+            victims = choose_victims(candidates, total, target, self.in_use)
+            report = EvictionReport(total, target)
+            for victim in victims:
+                if dry_run or await self._evict(victim):
+                    report.victims.append(victim)
+            if not dry_run:
+                self._record(report, time.monotonic() - started)
+            return report
+
+    async def _evict(self, victim: Candidate) -> bool:
+        """Delete the file and its records; nothing in between lets a request see half."""
+        if self.in_use(victim.digest):
+            return False
+        # The check above and the unlink run without yielding to the event loop, so no
+        # request can start reading this file in between.
+        self.store.delete(Digest.parse(victim.digest))
+        await self.metadata.remove_item(victim.digest)
+        return True
+
+    def _record(self, report: EvictionReport, seconds: float) -> None:
+        if report.victims:
+            log.info(
+                "evicted %d items, %d bytes (cache was %d bytes, target %d)",
+                len(report.victims),
+                report.freed,
+                report.size_before,
+                report.target,
+            )
+        if self.metrics is not None:
+            self.metrics.cleaner_runs.inc()
+            self.metrics.cleaner_duration.observe(seconds)
+            self.metrics.evicted_items.inc(len(report.victims))
+            self.metrics.evicted_bytes.inc(report.freed)

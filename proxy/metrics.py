@@ -1,0 +1,92 @@
+"""Prometheus collectors, in a registry of their own per application (no module globals)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["Metrics"]
+
+_PREFIX = "registry_cache"
+
+
+class _Live(Collector):
+    """Gauges read at scrape time from the objects that know them, never stale."""
+
+    def __init__(self, read: Callable[[], list[Metric]]) -> None:
+        self._read = read
+
+    def collect(self) -> list[Metric]:
+        return self._read()
+
+
+class Metrics:
+    """Every collector the cache exposes on /metrics."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            f"{_PREFIX}_http_requests", "Requests served", ["route", "method", "status"], registry=r
+        )
+        self.hits = Counter(
+            f"{_PREFIX}_cache_hits", "Requests served from cache", ["kind"], registry=r
+        )
+        self.misses = Counter(
+            f"{_PREFIX}_cache_misses", "Requests that went to the upstream", ["kind"], registry=r
+        )
+        self.bytes_served = Counter(
+            f"{_PREFIX}_served_bytes", "Blob bytes sent to clients", ["source"], registry=r
+        )
+        self.upstream_requests = Counter(
+            f"{_PREFIX}_upstream_requests",
+            "Requests sent to upstreams",
+            ["upstream", "status"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            f"{_PREFIX}_upstream_request_seconds",
+            "Time to an upstream's response headers",
+            ["upstream"],
+            registry=r,
+        )
+        self.coalesced = Counter(
+            f"{_PREFIX}_coalesced_requests",
+            "Requests that joined an upstream request already under way",
+            ["kind"],
+            registry=r,
+        )
+        self.cleaner_runs = Counter(f"{_PREFIX}_cleaner_runs", "Cleaner passes", registry=r)
+        self.cleaner_duration = Histogram(
+            f"{_PREFIX}_cleaner_run_seconds", "Duration of cleaner passes", registry=r
+        )
+        self.evicted_items = Counter(f"{_PREFIX}_evicted_items", "Items evicted", registry=r)
+        self.evicted_bytes = Counter(f"{_PREFIX}_evicted_bytes", "Bytes evicted", registry=r)
+        self.max_size = Gauge(f"{_PREFIX}_cache_max_bytes", "CLEANER_MAXSIZE", registry=r)
+        self.high_water = Gauge(
+            f"{_PREFIX}_cache_high_water_bytes", "Size that triggers eviction", registry=r
+        )
+
+    def watch(self, read: Callable[[], dict[str, float | dict[str, float]]]) -> None:
+        """Expose values computed at scrape time: `{"name": value}` or `{"name": {label: v}}`."""
+
+        def collect() -> list[Metric]:
+            families: list[Metric] = []
+            for name, value in read().items():
+                full = f"{_PREFIX}_{name}"
+                if isinstance(value, dict):
+                    family = GaugeMetricFamily(full, name.replace("_", " "), labels=["upstream"])
+                    for label, sample in value.items():
+                        family.add_metric([label], sample)
+                else:
+                    family = GaugeMetricFamily(full, name.replace("_", " "), value=value)
+                families.append(family)
+            return families
+
+        self.registry.register(_Live(collect))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
