@@ -70,6 +70,8 @@ class Cleaner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._nudged.wait(), timeout=self.settings.run_every)
             self._nudged.clear()
+            # The admin `clean` command may have evicted from another process meanwhile.
+            await self.metadata.refresh_totals()
             if self.metadata.total_size > self.settings.high_water_mark:
                 try:
                     await self.clean()

@@ -17,6 +17,7 @@ from cleaner.reconcile import reconcile
 from cleaner.service import Cleaner
 
 from . import errors
+from .auth import AUTH_USER, Authenticator, auth_middleware
 from .cache import Cache
 from .errors import RegistryError
 from .metadata import Metadata
@@ -76,6 +77,7 @@ class AccessLogger(AbstractAccessLogger):
                     "cache": request.get(CACHE_STATUS),
                     "duration_ms": round(time * 1000, 2),
                     "remote": request.remote,
+                    "user": request.get(AUTH_USER),
                 }
             )
         )
@@ -165,7 +167,10 @@ def _watch(metrics: Metrics, cache: Cache) -> None:
 
 def build_app(settings: Settings) -> web.Application:
     """The application; its resources are opened on startup and closed on cleanup."""
-    app = web.Application(middlewares=[count_requests, oci_errors], client_max_size=1024**2)
+    # Client auth comes inside oci_errors, so that its 401 is OCI JSON; loading the htpasswd
+    # file here makes a bad one stop start-up.
+    auth = [auth_middleware(Authenticator(settings.auth))] if settings.auth else []
+    app = web.Application(middlewares=[count_requests, oci_errors, *auth], client_max_size=1024**2)
     metrics = app[METRICS] = Metrics()
     metrics.max_size.set(settings.cleaner.max_size)
     metrics.high_water.set(settings.cleaner.high_water_mark)

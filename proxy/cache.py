@@ -104,7 +104,8 @@ class Cache:
         )
         self._stale_warned: dict[str, float] = {}
         self._leases: Counter[Digest] = Counter()
-        # Called with the size of every blob about to be stored: the cleaner's early warning.
+        # Told how many bytes are on their way into the store (0 once they are in): the
+        # cleaner's cue to run before the disk fills.
         self.on_incoming: Callable[[int], None] = lambda size: None
 
     @contextlib.contextmanager
@@ -383,6 +384,7 @@ class Cache:
                 ItemRecord(str(digest), "blob", download.written, None),
                 (target.upstream, target.repository),
             )
+            self.on_incoming(0)
         except OSError as exc:
             log.error("could not store %s: %s", digest, exc)
             with contextlib.suppress(FileNotFoundError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -11,8 +12,10 @@ from pathlib import Path
 
 from aiohttp import web
 
+from . import admin, health
 from .app import AccessLogger, build_app
-from .settings import ConfigError, Settings, load_settings
+from .settings import ConfigError, Settings, load_settings, parse_size
+from .tls import server_context
 
 __all__ = ["main"]
 
@@ -31,7 +34,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the cache")
+    commands.add_parser("health", help="exit 0 if the running cache answers /healthz")
+    commands.add_parser("du", help="size and items, in total, per upstream and repository")
+    ls = commands.add_parser("ls", help="cached repositories and tags")
+    ls.add_argument("prefix", nargs="?", default="", metavar="UPSTREAM[/REPO]")
+    clean = commands.add_parser("clean", help="one cleaner pass now")
+    clean.add_argument("--dry-run", action="store_true", help="list what would go; change nothing")
+    clean.add_argument("--max-size", help="evict down to this size (e.g. 5G), now")
+    verify = commands.add_parser("verify", help="re-hash every cached blob")
+    verify.add_argument("--repair", action="store_true", help="remove corrupt blobs")
     return parser
+
+
+def _admin(args: argparse.Namespace, settings: Settings) -> int:
+    """Run an admin sub-command on the data directory."""
+    if args.command == "du":
+        return asyncio.run(admin.du(settings, print))
+    if args.command == "ls":
+        return asyncio.run(admin.ls(settings, args.prefix, print))
+    if args.command == "clean":
+        max_size = parse_size(args.max_size, "--max-size") if args.max_size else None
+        return asyncio.run(admin.clean(settings, max_size, args.dry_run, print))
+    return asyncio.run(admin.verify(settings, args.repair, print))
 
 
 def _serve(settings: Settings) -> int:
@@ -43,7 +67,9 @@ def _serve(settings: Settings) -> int:
         access_log_class=AccessLogger,
         access_log=logging.getLogger("registry_cache.access"),
         print=lambda message: log.info(message.strip()),
-        shutdown_timeout=30.0,
+        ssl_context=server_context(settings.tls) if settings.tls else None,
+        # On SIGTERM: stop accepting, let running transfers finish up to the drain timeout.
+        shutdown_timeout=settings.drain_timeout,
     )
     return 0
 
@@ -52,15 +78,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
+        logging.basicConfig(
+            level=settings.log_level,
+            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+            stream=sys.stderr,
+        )
+        if args.command == "health":
+            return health.check(settings)
+        return _serve(settings) if args.command == "serve" else _admin(args, settings)
     except ConfigError as exc:
         print(f"registry-cache: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    return _serve(settings)
 
 
 if __name__ == "__main__":

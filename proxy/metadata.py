@@ -160,7 +160,7 @@ class Metadata:
             return db
 
         self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
-        self.total_size, self.total_items = await self.totals()
+        await self.refresh_totals()
 
     async def close(self) -> None:
         if self._db is None:
@@ -251,6 +251,9 @@ class Metadata:
             return int(size), int(count)
 
         return await self._run(select)
+
+    async def refresh_totals(self) -> None:
+        self.total_size, self.total_items = await self.totals()
 
     async def items(self) -> list[ItemRecord]:
         def select(db: sqlite3.Connection) -> list[ItemRecord]:

@@ -21,15 +21,18 @@ import humanfriendly
 import yaml
 
 __all__ = [
+    "AuthSettings",
     "CleanerSettings",
     "ConfigError",
     "Settings",
+    "TlsSettings",
     "UpstreamSettings",
     "allowed_domains",
     "host_allowed",
     "load_settings",
     "parse_duration",
     "parse_size",
+    "registry_upstream",
 ]
 
 DOCKER_HUB: Final = "docker.io"
@@ -104,6 +107,23 @@ class CleanerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """HTTPS: the certificate chain, and the key when it is not in the same file (certs.pem)."""
+
+    cert: Path
+    key: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Client auth: who may pull, from an htpasswd file of bcrypt entries."""
+
+    htpasswd: Path
+    realm: str = "registry-cache"
+    protect_metrics: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """The whole, validated configuration."""
 
@@ -118,6 +138,10 @@ class Settings:
     upstreams: Mapping[str, UpstreamSettings] = field(default_factory=dict)
     cleaner: CleanerSettings = field(default_factory=CleanerSettings)
     log_level: str = "INFO"
+    tls: TlsSettings | None = None
+    auth: AuthSettings | None = None
+    drain_timeout: float = 60.0
+    sync_config: Path | None = None  # a regsync-format file for the sync worker
 
 
 _DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s|d)")
@@ -229,6 +253,10 @@ class _Loader:
         "upstreams",
         "cleaner",
         "log_level",
+        "tls",
+        "auth",
+        "http",
+        "sync",
     }
 
     def __init__(self, raw: dict[str, Any], env: Mapping[str, str]) -> None:
@@ -283,7 +311,74 @@ class _Loader:
             upstreams=upstreams,
             cleaner=self._cleaner(),
             log_level=log_level,
+            tls=self._tls(),
+            auth=self._auth(),
+            drain_timeout=self._drain_timeout(),
+            sync_config=self._sync_config(),
         )
+
+    def _sync_config(self) -> Path | None:
+        section = _mapping(self.raw.get("sync", {}), "sync")
+        _reject_unknown(section, {"config"}, "sync")
+        path, key = self._section_value(section, "sync", "config", "SYNC_CONFIG")
+        return None if path is None else Path(_string(path, key))
+
+    def _tls(self) -> TlsSettings | None:
+        section = _mapping(self.raw.get("tls", {}), "tls")
+        _reject_unknown(section, {"cert", "key"}, "tls")
+        cert, cert_key = self._section_value(
+            section, "tls", "cert", "REGISTRY_HTTP_TLS_CERTIFICATE"
+        )
+        key, key_key = self._section_value(section, "tls", "key", "REGISTRY_HTTP_TLS_KEY")
+        if cert is None:
+            if key is not None:
+                raise ConfigError(f"{key_key}: a key without a certificate (set tls.cert)")
+            return None
+        return TlsSettings(
+            cert=Path(_string(cert, cert_key)),
+            key=None if key is None else Path(_string(key, key_key)),
+        )
+
+    def _auth(self) -> AuthSettings | None:
+        section = _mapping(self.raw.get("auth", {}), "auth")
+        _reject_unknown(section, {"htpasswd", "protect_metrics"}, "auth")
+        kind = self.env.get("REGISTRY_AUTH")
+        if kind and kind != "htpasswd":
+            raise ConfigError(f"REGISTRY_AUTH: only htpasswd is supported, got {kind!r}")
+        htpasswd = _mapping(section.get("htpasswd", {}), "auth.htpasswd")
+        _reject_unknown(htpasswd, {"path", "realm"}, "auth.htpasswd")
+        path, path_key = self._section_value(
+            htpasswd, "auth.htpasswd", "path", "REGISTRY_AUTH_HTPASSWD_PATH"
+        )
+        if path is None:
+            if kind or htpasswd:
+                raise ConfigError("auth.htpasswd.path (REGISTRY_AUTH_HTPASSWD_PATH) is required")
+            return None
+        realm, realm_key = self._section_value(
+            htpasswd, "auth.htpasswd", "realm", "REGISTRY_AUTH_HTPASSWD_REALM"
+        )
+        realm = _string(realm or "registry-cache", realm_key)
+        if not re.fullmatch(r"[\x20-\x7e]+", realm) or '"' in realm or "\\" in realm:
+            raise ConfigError(f"{realm_key}: printable ASCII without quotes, got {realm!r}")
+        protect_metrics = section.get("protect_metrics", False)
+        if not isinstance(protect_metrics, bool):
+            raise ConfigError(
+                f"auth.protect_metrics: expected true or false, got {protect_metrics!r}"
+            )
+        return AuthSettings(Path(_string(path, path_key)), realm, protect_metrics)
+
+    def _drain_timeout(self) -> float:
+        section = _mapping(self.raw.get("http", {}), "http")
+        _reject_unknown(section, {"draintimeout"}, "http")
+        return parse_duration(section.get("draintimeout", "60s"), "http.draintimeout")
+
+    def _section_value(
+        self, section: Mapping[str, Any], where: str, key: str, env_name: str
+    ) -> tuple[Any, str]:
+        """The environment's value if set, else the section's (None if neither); and its name."""
+        if self.env.get(env_name):
+            return self.env[env_name], env_name
+        return section.get(key), f"{where}.{key}"
 
     def _cleaner(self) -> CleanerSettings:
         section = _mapping(self.raw.get("cleaner", {}), "cleaner")
@@ -395,6 +490,16 @@ def _make_upstream(
         password=password,
         manifest_ttl=manifest_ttl,
         extra_hosts=extra_hosts or _KNOWN_EXTRA_HOSTS.get(name, ()),
+    )
+
+
+def registry_upstream(
+    name: str, url: str | None, username: str | None, password: str | None
+) -> UpstreamSettings:
+    """Settings for a registry that is not one of the cache's upstreams (a sync `creds` entry):
+    the well-known registries get their real API host and extra domains."""
+    return _make_upstream(
+        name, url or _PUBLIC_REGISTRIES.get(name, f"https://{name}"), username, password, 300.0, ()
     )
 
 

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import logging
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -52,6 +53,16 @@ class RateLimit:
     limit: int | None
     remaining: int | None
 
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> RateLimit | None:
+        """The limits a response announced, if it announced any."""
+        if "RateLimit-Limit" not in headers and "RateLimit-Remaining" not in headers:
+            return None
+        return cls(
+            _rate_limit_value(headers.get("RateLimit-Limit")),
+            _rate_limit_value(headers.get("RateLimit-Remaining")),
+        )
+
 
 @dataclass(slots=True)
 class _Token:
@@ -90,12 +101,14 @@ class UpstreamClient:
         connect_timeout: float,
         read_timeout: float,
         metrics: Metrics,
+        tls: ssl.SSLContext | bool = True,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.base = URL(settings.url)
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=60),
+            # `tls` is False only for a registry configured as insecure (sync `tls: insecure`).
+            connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=60, ssl=tls),
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=connect_timeout, sock_read=read_timeout
             ),
@@ -120,16 +133,46 @@ class UpstreamClient:
         repository: str,
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
+        data: bytes | None = None,
+        actions: str = "pull",
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Send a request for `path` (under /v2/) and yield a successful response.
+        """Send a request for `path` (under /v2/) and yield a successful (2xx) response.
 
-        Errors become `UpstreamError`s; the response is released on exit.
+        Errors become `UpstreamError`s; the response is released on exit. `actions` is the
+        token scope's (`pull`, or `pull,push` for the sync worker's writes to a registry).
         """
         url = self.base.joinpath("v2", path.lstrip("/"), encoded=True)
         if params:
             url = url.with_query(params)
+        async with self.request(
+            method, url, repository=repository, headers=headers, data=data, actions=actions
+        ) as response:
+            yield response
+
+    def resolve(self, location: str) -> URL:
+        """An upload `Location` as an absolute URL, refused if it leaves the upstream's hosts."""
+        url = self.base.join(URL(location))
+        if url.scheme not in ("http", "https") or not host_allowed(url.host or "", self.settings):
+            raise UpstreamError(
+                f"{self.settings.name} sent a Location on {url.host!r}; not followed"
+            )
+        return url
+
+    @asynccontextmanager
+    async def request(
+        self,
+        method: str,
+        url: URL,
+        *,
+        repository: str,
+        headers: Mapping[str, str] | None = None,
+        data: bytes | None = None,
+        actions: str = "pull",
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """`open` for an absolute URL from `resolve`."""
+        scope = f"repository:{repository}:{actions}"
         try:
-            response = await self._send_with_auth(method, url, repository, headers or {})
+            response = await self._send_with_auth(method, url, scope, headers or {}, data)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamUnavailable(
                 f"{self.settings.name}: {type(exc).__name__}: {exc}"
@@ -147,7 +190,7 @@ class UpstreamClient:
 
     def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
         status = response.status
-        if status in (200, 206):
+        if 200 <= status < 300:
             return
         what = f"{self.settings.name} answered {response.method} {response.url.path}"
         if status == 404:
@@ -161,18 +204,20 @@ class UpstreamClient:
         raise UpstreamStatusError(status, what)
 
     def _note_rate_limit(self, response: aiohttp.ClientResponse) -> None:
-        if "RateLimit-Limit" in response.headers or "RateLimit-Remaining" in response.headers:
-            self.rate_limit = RateLimit(
-                _rate_limit_value(response.headers.get("RateLimit-Limit")),
-                _rate_limit_value(response.headers.get("RateLimit-Remaining")),
-            )
+        rate_limit = RateLimit.from_headers(response.headers)
+        if rate_limit is not None:
+            self.rate_limit = rate_limit
 
     async def _send_with_auth(
-        self, method: str, url: URL, repository: str, headers: Mapping[str, str]
+        self,
+        method: str,
+        url: URL,
+        scope: str,
+        headers: Mapping[str, str],
+        data: bytes | None = None,
     ) -> aiohttp.ClientResponse:
-        scope = f"repository:{repository}:pull"
         authorization = self._authorization(scope)
-        response = await self._send_following_redirects(method, url, headers, authorization)
+        response = await self._send_following_redirects(method, url, headers, authorization, data)
         if response.status != 401:
             return response
         challenge = response.headers.get("WWW-Authenticate", "")
@@ -185,7 +230,7 @@ class UpstreamClient:
         else:
             raise UpstreamUnauthorized(401, f"{self.settings.name} requires credentials we lack")
         authorization = self._authorization(params.get("scope") or scope)
-        return await self._send_following_redirects(method, url, headers, authorization)
+        return await self._send_following_redirects(method, url, headers, authorization, data)
 
     def _authorization(self, scope: str) -> str | None:
         token = self._tokens.get(scope)
@@ -196,13 +241,18 @@ class UpstreamClient:
         return None
 
     async def _send_following_redirects(
-        self, method: str, url: URL, headers: Mapping[str, str], authorization: str | None
+        self,
+        method: str,
+        url: URL,
+        headers: Mapping[str, str],
+        authorization: str | None,
+        data: bytes | None = None,
     ) -> aiohttp.ClientResponse:
         request_headers = CIMultiDict(headers)
         if authorization:
             request_headers["Authorization"] = authorization
         for _ in range(_MAX_REDIRECTS + 1):
-            response = await self._send_single(method, url, request_headers)
+            response = await self._send_single(method, url, request_headers, data)
             if response.status not in (301, 302, 303, 307, 308):
                 return response
             location = response.headers.get("Location")
@@ -225,13 +275,13 @@ class UpstreamClient:
         raise UpstreamError(f"{self.settings.name}: too many redirects")
 
     async def _send_single(
-        self, method: str, url: URL, headers: CIMultiDict[str]
+        self, method: str, url: URL, headers: CIMultiDict[str], data: bytes | None = None
     ) -> aiohttp.ClientResponse:
         name = self.settings.name
         started = time.monotonic()
         try:
             response = await self._session.request(
-                method, url, headers=headers, allow_redirects=False
+                method, url, headers=headers, data=data, allow_redirects=False
             )
         except (aiohttp.ClientError, TimeoutError):
             self.metrics.upstream_requests.labels(name, "error").inc()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import ssl
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.support.proxy import Proxy
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
 
@@ -55,3 +58,37 @@ def token_upstream(tmp_path: Path, token_server: TokenServer) -> Iterator[Regist
     """A registry using bearer-token auth issued by `token_server`."""
     with Registry(tmp_path / "token-upstream", auth="token", token_server=token_server) as registry:
         yield registry
+
+
+StartProxy = Callable[..., Proxy]
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[StartProxy]:
+    """Start registry-cache servers: `(config, env=None, tls=None)`; all are stopped at the end.
+
+    `tls` is the client context of a cache configured for HTTPS.
+    """
+    started: list[Proxy] = []
+
+    def start(
+        config: dict[str, Any],
+        env: dict[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> Proxy:
+        proxy = Proxy(tmp_path / f"cache{len(started)}", config, env, tls)
+        started.append(proxy)
+        return proxy.start()
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+def refused_start(workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None) -> str:
+    """Start a cache whose configuration must stop it; what it said, after checking it exited 2."""
+    proxy = Proxy(workdir, config, env)
+    with pytest.raises(RuntimeError, match="exited at start"):
+        proxy.start()
+    assert proxy.stop() == 2
+    return proxy.log()

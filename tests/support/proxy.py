@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ class Proxy:
         workdir: Path,
         config: dict[str, Any],
         env: dict[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -40,6 +42,8 @@ class Proxy:
         self.log_path = workdir / "proxy.log"
         self.env = env or {}
         self._process: subprocess.Popen[bytes] | None = None
+        self.tls = tls
+        """The client context for a proxy that serves HTTPS (it must be configured to)."""
 
     @property
     def host(self) -> str:
@@ -47,16 +51,25 @@ class Proxy:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
-    def start(self) -> Proxy:
-        self.config_path.write_text(yaml.safe_dump(self.config))
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def _environment(self) -> dict[str, str]:
+        """Ours, without the machine's own registry-cache settings, plus the test's."""
         env = {
             key: value
             for key, value in os.environ.items()
             if not key.startswith(("REGISTRY_", "CLEANER_", "PULL_SECRET", "IGNOREREGISTRYLIST"))
         }
         env.update(self.env)
+        return env
+
+    def start(self) -> Proxy:
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        env = self._environment()
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "proxy.cli", "--config", str(self.config_path), "serve"],
@@ -70,7 +83,9 @@ class Proxy:
             if self._process.poll() is not None:
                 raise RuntimeError(f"registry-cache exited at start:\n{self.log()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
+                with urllib.request.urlopen(
+                    f"{self.url}/healthz", timeout=1, context=self.tls
+                ) as response:
                     if response.status == 200:
                         return self
             except (urllib.error.URLError, OSError):
@@ -98,6 +113,28 @@ class Proxy:
             process.kill()
             process.wait(timeout=10)
 
+    def admin(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run an admin sub-command (du, ls, clean, verify) on this cache's data directory."""
+        env = self._environment()
+        return subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "--config", str(self.config_path), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """One sample from /metrics (0 when absent): metric("cache_hits_total", 'kind="blob"')."""
+        _, _, body = self.get("/metrics")
+        wanted = f"registry_cache_{name}{{{labels}}}" if labels else f"registry_cache_{name}"
+        for line in body.decode().splitlines():
+            key, _, value = line.rpartition(" ")
+            if key == wanted:
+                return float(value)
+        return 0.0
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -116,7 +153,7 @@ class Proxy:
         """One plain HTTP request to the proxy; any status is returned, not raised."""
         request = urllib.request.Request(self.url + path, headers=headers or {}, method=method)
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:
+            with urllib.request.urlopen(request, timeout=60, context=self.tls) as response:
                 return response.status, dict(response.headers), response.read()
         except urllib.error.HTTPError as error:
             with error:

@@ -208,6 +208,10 @@ class Registry:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     def start(self) -> Registry:
         """Start and wait until GET /v2/ answers (200, or 401 with auth)."""
         if self._proc is not None:

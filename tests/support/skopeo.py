@@ -102,6 +102,7 @@ def copy(
     all: bool = True,
     src_creds: str | None = None,
     dest_creds: str | None = None,
+    src_cert_dir: Path | None = None,
     preserve_digests: bool = False,
     extra: Sequence[str] = (),
     check: bool = True,
@@ -111,9 +112,13 @@ def copy(
     """`skopeo copy` between full transport references (docker://, oci:, dir:).
 
     TLS verification is off on both sides: test registries and the proxy speak
-    plain HTTP on loopback (skopeo then falls back from https to http).
+    plain HTTP on loopback (skopeo then falls back from https to http); unless
+    `src_cert_dir` holds a `ca.crt` the source must be verified against.
     """
-    args = ["copy", "--src-tls-verify=false", "--dest-tls-verify=false"]
+    src_tls = ["--src-tls-verify=false"]
+    if src_cert_dir is not None:
+        src_tls = [f"--src-cert-dir={src_cert_dir}", "--src-tls-verify=true"]
+    args = ["copy", *src_tls, "--dest-tls-verify=false"]
     if all:
         args.append("--all")
     if preserve_digests:

@@ -1,7 +1,10 @@
 """A tiny stand-in upstream, only for faults a real registry cannot produce.
 
 It serves one generated image from its OCI layout, and can be told to misbehave: send bytes
-that do not match a blob's digest. Everything else in the tests talks to real distribution.
+that do not match a blob's digest, challenge for a token from a realm on another host, or
+redirect blob downloads elsewhere. It records every request with its `Authorization`, so a
+second instance on another loopback address can stand for a host that must never be reached.
+Everything else in the tests talks to real distribution.
 """
 
 from __future__ import annotations
@@ -22,19 +25,26 @@ from tests.support.ports import free_port
 class StandIn:
     """An aiohttp registry look-alike in a background thread, serving `image` as `repo`."""
 
-    def __init__(self, image: Image, repo: str) -> None:
+    def __init__(self, image: Image, repo: str, host: str = "127.0.0.1") -> None:
         self.image = image
         self.repo = repo
+        self.host = host
         self.port = free_port()
         self.corrupt: set[str] = set()
         self.requests: Counter[tuple[str, str]] = Counter()
+        self.authorizations: list[tuple[str, str | None]] = []
+        """(path, Authorization header or None) of every request, in order."""
+        self.challenge: str | None = None
+        """A `WWW-Authenticate` to answer every request that has no `Authorization` with."""
+        self.blob_redirect: str | None = None
+        """A base URL that blob GETs are redirected to (same path)."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     async def _base(self, request: web.Request) -> web.Response:
         return web.json_response({})
@@ -52,8 +62,13 @@ class StandIn:
         }
         return web.Response(body=data, headers=headers)
 
+    async def _token(self, request: web.Request) -> web.Response:
+        return web.json_response({"token": "standin-token", "expires_in": 300})
+
     async def _blob(self, request: web.Request) -> web.Response:
         digest = request.match_info["digest"]
+        if self.blob_redirect is not None:
+            raise web.HTTPTemporaryRedirect(self.blob_redirect + request.path)
         if digest not in self.image.blobs:
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
         data = self.image.blob_bytes(digest)
@@ -66,16 +81,25 @@ class StandIn:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         self.requests[(request.method, request.path)] += 1
+        authorization = request.headers.get("Authorization")
+        self.authorizations.append((request.path, authorization))
+        if self.challenge is not None and authorization is None and request.path != "/token":
+            return web.json_response(
+                {"errors": [{"code": "UNAUTHORIZED"}]},
+                status=401,
+                headers={"WWW-Authenticate": self.challenge},
+            )
         return await handler(request)
 
     async def _start(self) -> None:
         app = web.Application(middlewares=[self._count])
         app.router.add_get("/v2/", self._base)
+        app.router.add_get("/token", self._token)
         app.router.add_get(f"/v2/{self.repo}/manifests/{{reference}}", self._manifest)
         app.router.add_get(f"/v2/{self.repo}/blobs/{{digest}}", self._blob)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(self._runner, self.host, self.port).start()
 
     async def _stop(self) -> None:
         if self._runner is not None:

@@ -1,0 +1,243 @@
+"""Client auth: HTTP Basic against an htpasswd file of bcrypt entries, as distribution does.
+
+bcrypt is slow on purpose, so a check runs in a thread and a verified user/password pair is
+remembered for a short while (a pull is dozens of requests with the same credentials). The
+answer to wrong credentials never tells whether the user exists: an unknown user costs a
+bcrypt check like a known one and gets the same 401. An address that keeps failing is made to
+wait, longer each time, before its next attempt is even checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import logging
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import bcrypt
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from . import errors
+from .errors import RegistryError
+from .flight import SingleFlight
+from .settings import AuthSettings, ConfigError
+from .watch import WatchedFiles
+
+__all__ = ["AUTH_USER", "Authenticator", "auth_middleware", "read_htpasswd"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+AUTH_USER: Final = "auth_user"
+"""The request key under which the authenticated user's name is kept (for the access log)."""
+
+_KEY: Final = "auth.htpasswd.path (REGISTRY_AUTH_HTPASSWD_PATH)"
+_BCRYPT_PREFIXES: Final = (b"$2a$", b"$2b$", b"$2y$")
+# How long a verified user/password pair is trusted without running bcrypt again.
+_VERIFIED_TTL: Final = 60.0
+_VERIFIED_MAX: Final = 4096
+# Failures an address may make before it must wait; the wait doubles with each further one.
+_FREE_FAILURES: Final = 5
+_FIRST_WAIT: Final = 1.0
+_MAX_WAIT: Final = 60.0
+_FORGET_AFTER: Final = 900.0
+_MAX_TRACKED: Final = 10_000
+# Paths that stay open: probes must work without credentials.
+_OPEN_PATHS: Final = frozenset({"/healthz", "/readyz"})
+
+
+def _kind(hashed: bytes) -> str:
+    """A name for a non-bcrypt htpasswd hash, for the start-up message."""
+    if hashed.startswith(b"$apr1$"):
+        return "MD5 (htpasswd -m)"
+    if hashed.startswith(b"{SHA}"):
+        return "SHA-1 (htpasswd -s)"
+    if hashed.startswith((b"$5$", b"$6$")):
+        return "SHA-crypt"
+    if len(hashed) == 13:
+        return "crypt (htpasswd -d)"
+    return "not a recognised hash (plain text?)"
+
+
+@dataclass(frozen=True, slots=True)
+class Users:
+    """The htpasswd file's bcrypt hashes by user name."""
+
+    hashes: Mapping[str, bytes]
+
+    @property
+    def decoy(self) -> bytes | None:
+        """A real hash to check unknown users against, so that they cost as much as known ones."""
+        return next(iter(self.hashes.values()), None)
+
+
+def read_htpasswd(path: Path) -> Users:
+    """Parse `user:hash` lines; anything but bcrypt is refused with the line that has it."""
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{_KEY}: cannot read {path}: {exc.strerror}") from None
+    hashes: dict[str, bytes] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        user, sep, hashed = line.partition(b":")
+        if not sep or not user:
+            raise ConfigError(f"{_KEY}: {path} line {number} is not user:hash")
+        if not hashed.startswith(_BCRYPT_PREFIXES):
+            raise ConfigError(
+                f"{_KEY}: {path} line {number}: only bcrypt entries (htpasswd -B) are "
+                f"supported, this one is {_kind(hashed)}"
+            )
+        hashes[user.decode(errors="replace")] = hashed
+    return Users(hashes)
+
+
+def _parse_basic(header: str) -> tuple[str, str] | None:
+    """User and password from `Basic base64(user:password)`; None if it is not that."""
+    scheme, _, encoded = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep and user else None
+
+
+def _checkpw(password: str, hashed: bytes) -> bool:
+    """bcrypt's verdict; blocking, run it in a thread. Over 72 bytes is refused, as Go does."""
+    try:
+        return bcrypt.checkpw(password.encode(), hashed)
+    except ValueError:
+        return False
+
+
+@dataclass(slots=True)
+class _Failures:
+    count: int
+    last: float
+    blocked_until: float
+
+
+class Throttle:
+    """Failed attempts per client address, and how long each must wait before the next."""
+
+    def __init__(self) -> None:
+        self._by_address: dict[str, _Failures] = {}
+
+    def wait(self, address: str) -> float:
+        """Seconds before `address` may try again; 0 when it may now."""
+        record = self._by_address.get(address)
+        return 0.0 if record is None else max(record.blocked_until - time.monotonic(), 0.0)
+
+    def failed(self, address: str) -> None:
+        now = time.monotonic()
+        record = self._by_address.get(address)
+        if record is None or now - record.last > _FORGET_AFTER:
+            if len(self._by_address) >= _MAX_TRACKED:
+                self._forget_old(now)
+            record = self._by_address[address] = _Failures(0, now, now)
+        record.count += 1
+        record.last = now
+        beyond = record.count - _FREE_FAILURES
+        if beyond >= 0:
+            record.blocked_until = now + min(_FIRST_WAIT * 2**beyond, _MAX_WAIT)
+            log.warning("%d failed logins from %s: slowed down", record.count, address)
+
+    def succeeded(self, address: str) -> None:
+        self._by_address.pop(address, None)
+
+    def _forget_old(self, now: float) -> None:
+        for address, record in list(self._by_address.items()):
+            if now - record.last > _FORGET_AFTER or len(self._by_address) >= _MAX_TRACKED:
+                del self._by_address[address]
+
+
+class Authenticator:
+    """Decides whether a request's `Authorization` names a user of the htpasswd file."""
+
+    def __init__(self, settings: AuthSettings) -> None:
+        self.settings = settings
+        self._users = WatchedFiles(
+            [settings.htpasswd], lambda: read_htpasswd(settings.htpasswd), "htpasswd file"
+        )
+        self._secret = secrets.token_bytes(32)
+        self._verified: dict[bytes, float] = {}
+        self._checks: SingleFlight[bytes, bool] = SingleFlight()
+        self.throttle = Throttle()
+
+    def _challenge(self, detail: str | None = None) -> RegistryError:
+        return RegistryError(
+            errors.UNAUTHORIZED,
+            detail,
+            headers={"WWW-Authenticate": f'Basic realm="{self.settings.realm}"'},
+        )
+
+    async def authenticate(self, header: str | None, address: str) -> str:
+        """The user the request is from; raises the 401 (or 429) the client must see."""
+        if header is None:
+            raise self._challenge()
+        wait = self.throttle.wait(address)
+        if wait > 0:
+            raise RegistryError(
+                errors.TOOMANYREQUESTS,
+                "too many failed logins from this address",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
+        credentials = _parse_basic(header)
+        if credentials is not None and await self._valid(*credentials):
+            self.throttle.succeeded(address)
+            return credentials[0]
+        self.throttle.failed(address)
+        raise self._challenge("invalid username or password")
+
+    async def _valid(self, user: str, password: str) -> bool:
+        users = self._users.current()
+        hashed = users.hashes.get(user)
+        # The key binds the stored hash too: a changed or removed entry is a miss.
+        key = hmac.digest(
+            self._secret, b"\0".join([user.encode(), password.encode(), hashed or b""]), "sha256"
+        )
+        now = time.monotonic()
+        if self._verified.get(key, 0.0) > now:
+            return True
+        against = hashed or users.decoy
+        if against is None:
+            return False
+        valid = await self._checks.do(key, lambda: asyncio.to_thread(_checkpw, password, against))
+        if not (valid and hashed is not None):
+            return False
+        if len(self._verified) >= _VERIFIED_MAX:
+            self._verified = {k: t for k, t in self._verified.items() if t > now}
+            if len(self._verified) >= _VERIFIED_MAX:
+                self._verified.clear()
+        self._verified[key] = now + _VERIFIED_TTL
+        return True
+
+
+def auth_middleware(authenticator: Authenticator) -> Middleware:
+    """Credentials everywhere but the probes, and /metrics unless `auth.protect_metrics`."""
+    open_paths = _OPEN_PATHS | (set() if authenticator.settings.protect_metrics else {"/metrics"})
+
+    @web.middleware
+    async def require_user(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in open_paths:
+            request[AUTH_USER] = await authenticator.authenticate(
+                request.headers.get("Authorization"), request.remote or ""
+            )
+        return await handler(request)
+
+    return require_user

@@ -1,0 +1,267 @@
+"""End to end: the disk budget, eviction, reconciliation, metrics and the admin commands."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.settings import ConfigError, load_settings
+from tests.support import skopeo
+from tests.support.images import Image, push, write_layout
+from tests.support.proxy import Proxy
+from tests.support.registry import Registry
+from tests.support.standin import blob_files
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def make_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
+    started: list[Proxy] = []
+
+    def make(registry: Registry, env: dict[str, str], start: bool = True) -> Proxy:
+        config: dict[str, Any] = {
+            "upstreams": [{"name": "test.local", "url": registry.url}],
+            "default_upstream": "test.local",
+        }
+        proxy = Proxy(tmp_path / f"proxy{len(started)}", config, env)
+        started.append(proxy)
+        return proxy.start() if start else proxy
+
+    yield make
+    for proxy in started:
+        proxy.stop()
+
+
+def images(tmp_path: Path, registry: Registry, count: int, layer: int) -> list[Image]:
+    made = []
+    for index in range(count):
+        image = write_layout(tmp_path / f"img{index}", "v1", None, [layer], seed=100 + index)
+        push(image, registry.host, f"app{index}")
+        made.append(image)
+    return made
+
+
+def pull(proxy: Proxy, index: int, dest: Path, check: bool = True) -> bool:
+    ref = f"docker://{proxy.host}/test.local/app{index}:v1"
+    return skopeo.copy(ref, f"dir:{dest}", check=check, timeout=60).returncode == 0
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Poll a condition that another process brings about, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def held(image: Image, data: Path) -> bool:
+    return {d.removeprefix("sha256:") for d in image.blobs} <= blob_files(data)
+
+
+def test_lru_eviction_keeps_the_recently_used_image(
+    tmp_path: Path, upstream: Registry, make_proxy: Callable[..., Proxy]
+) -> None:
+    a, b, c = images(tmp_path, upstream, 3, MiB)
+    env = {"CLEANER_MAXSIZE": "2.5M", "CLEANER_THRESHOLD_PERCENTAGE": "20"}
+    proxy = make_proxy(upstream, env)
+    pull(proxy, 0, tmp_path / "a1")
+    pull(proxy, 1, tmp_path / "b1")
+    pull(proxy, 0, tmp_path / "a2")  # A is used again: B is now the least recently used
+    pull(proxy, 2, tmp_path / "c1")  # past the high-water mark: the cleaner runs at once
+
+    wait_for(lambda: proxy.metric("evicted_items_total") > 0, "an eviction")
+    wait_for(lambda: proxy.metric("cache_size_bytes") <= 2.5 * MiB, "the cache to shrink")
+    assert held(a, proxy.data) and held(c, proxy.data)
+    assert not held(b, proxy.data)
+
+    upstream.stop()
+    assert pull(proxy, 0, tmp_path / "a3")
+    assert pull(proxy, 2, tmp_path / "c3")
+    assert not pull(proxy, 1, tmp_path / "b3", check=False)
+    proxy.stop()
+    du = proxy.admin("du")
+    assert du.returncode == 0, du.stderr
+    sizes = {line.split()[0]: line.split()[1:3] for line in du.stdout.splitlines() if line}
+    assert sizes["test.local/app0"] == ["1.01", "MiB"]
+    assert sizes.get("test.local/app1", ["0", "bytes"])[1] == "bytes"
+
+
+def test_threshold_and_clean_command(
+    tmp_path: Path, upstream: Registry, make_proxy: Callable[..., Proxy]
+) -> None:
+    images(tmp_path, upstream, 3, MiB)
+    proxy = make_proxy(upstream, {"CLEANER_MAXSIZE": "2M", "CLEANER_THRESHOLD_PERCENTAGE": "100"})
+    for index in range(3):
+        pull(proxy, index, tmp_path / f"p{index}")
+    proxy.stop()
+    before = blob_files(proxy.data)
+
+    below = proxy.admin("clean")
+    assert below.returncode == 0 and "nothing to do" in below.stdout
+    dry = proxy.admin("clean", "--dry-run", "--max-size", "1M")
+    assert dry.returncode == 0 and "would evict" in dry.stdout
+    assert blob_files(proxy.data) == before
+
+    proxy.env["CLEANER_THRESHOLD_PERCENTAGE"] = "20"
+    cleaned = proxy.admin("clean")
+    assert cleaned.returncode == 0 and "evicted" in cleaned.stdout
+    assert blob_files(proxy.data) < before
+    total = sum(p.stat().st_size for p in (proxy.data / "blobs").rglob("*") if p.is_file())
+    assert total <= 2 * MiB
+
+
+def test_eviction_racing_a_reader_never_gives_a_short_200(
+    tmp_path: Path, upstream: Registry, make_proxy: Callable[..., Proxy]
+) -> None:
+    (big,) = images(tmp_path, upstream, 1, 32 * MiB)
+    proxy = make_proxy(upstream, {"CLEANER_MAXSIZE": "1G"})
+    pull(proxy, 0, tmp_path / "warm")
+    layer = big.layers[0]
+
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+    connection.request("GET", f"/v2/test.local/app0/blobs/{layer}")
+    response = connection.getresponse()
+    assert response.status == 200
+    first = response.read(MiB)
+    evicted = proxy.admin("clean", "--max-size", "1")  # another process removes every file
+    assert evicted.returncode == 0, evicted.stderr
+    assert layer.removeprefix("sha256:") not in blob_files(proxy.data)
+    rest = response.read()
+    connection.close()
+    assert hashlib.sha256(first + rest).hexdigest() == layer.removeprefix("sha256:")
+
+    upstream.stop()
+    status, _, body = proxy.get(f"/v2/test.local/app0/blobs/{layer}")
+    assert status == 503
+    assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+
+
+def test_restart_reconciles_disk_and_database(
+    tmp_path: Path, upstream: Registry, make_proxy: Callable[..., Proxy]
+) -> None:
+    first, _ = images(tmp_path, upstream, 2, 200_000)
+    proxy = make_proxy(upstream, {})
+    pull(proxy, 0, tmp_path / "p0")
+    pull(proxy, 1, tmp_path / "p1")
+    proxy.stop()
+    blobs = proxy.data / "blobs" / "sha256"
+    lost = first.layers[0].removeprefix("sha256:")
+    (blobs / lost[:2] / lost).unlink()
+    half = proxy.data / "tmp" / "interrupted.part"
+    half.write_bytes(b"half a download")
+    forged = "ab" * 32
+    (blobs / "ab").mkdir(exist_ok=True)
+    (blobs / "ab" / forged).write_bytes(b"not what the name says")
+    stray = blobs / "zz-not-a-digest"
+    stray.write_bytes(b"junk")
+    adopted = hashlib.sha256(b"a verified orphan").hexdigest()
+    (blobs / adopted[:2]).mkdir(exist_ok=True)
+    (blobs / adopted[:2] / adopted).write_bytes(b"a verified orphan")
+
+    proxy.start()
+    assert not half.exists() and not stray.exists()
+    assert forged not in blob_files(proxy.data)
+    assert adopted in blob_files(proxy.data)
+    status, _, body = proxy.get(f"/v2/test.local/app1/blobs/sha256:{adopted}")
+    assert (status, body) == (200, b"a verified orphan")
+    assert pull(proxy, 1, tmp_path / "again")
+    proxy.stop()
+    listing = proxy.admin("ls", "test.local")
+    assert listing.returncode == 0
+    assert "test.local/app0:v1" in listing.stdout and "test.local/app1:v1" in listing.stdout
+    verify = proxy.admin("verify")
+    assert verify.returncode == 0 and "0 corrupt" in verify.stdout
+
+
+def test_metrics_count_miss_then_hit_and_bytes(
+    tmp_path: Path, upstream: Registry, make_proxy: Callable[..., Proxy]
+) -> None:
+    (image,) = images(tmp_path, upstream, 1, 300_000)
+    proxy = make_proxy(upstream, {})
+    layer = image.layers[0]
+    size = image.blobs[layer]
+
+    assert proxy.get(f"/v2/test.local/app0/blobs/{layer}")[0] == 200
+    assert proxy.metric("cache_misses_total", 'kind="blob"') == 1
+    assert proxy.metric("served_bytes_total", 'source="upstream"') == size
+    assert proxy.get(f"/v2/test.local/app0/blobs/{layer}")[0] == 200
+    assert proxy.metric("cache_hits_total", 'kind="blob"') == 1
+    assert proxy.metric("served_bytes_total", 'source="cache"') == size
+    assert proxy.metric("upstream_requests_total", 'status="200",upstream="test.local"') == 1
+    assert proxy.metric("cache_max_bytes") == 10 * 1024**3
+    assert proxy.get("/healthz")[0] == 200
+    assert json.loads(proxy.get("/readyz")[2])["status"] == "ok"
+
+
+def test_verify_finds_and_repairs_corruption(
+    tmp_path: Path, upstream: Registry, make_proxy: Callable[..., Proxy]
+) -> None:
+    (image,) = images(tmp_path, upstream, 1, 100_000)
+    proxy = make_proxy(upstream, {})
+    pull(proxy, 0, tmp_path / "p")
+    proxy.stop()
+    layer = image.layers[0].removeprefix("sha256:")
+    (proxy.data / "blobs" / "sha256" / layer[:2] / layer).write_bytes(b"bit rot")
+
+    found = proxy.admin("verify")
+    assert found.returncode == 1 and f"corrupt: sha256:{layer}" in found.stdout
+    repaired = proxy.admin("verify", "--repair")
+    assert repaired.returncode == 0
+    assert layer not in blob_files(proxy.data)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"CLEANER_MAXSIZE": "10G"}, ("max_size", 10 * 1024**3)),
+        ({"CLEANER_MAXSIZE": "500M"}, ("max_size", 500 * 1024**2)),
+        ({"CLEANER_MAXSIZE": "10GiB"}, ("max_size", 10 * 1024**3)),
+        ({"CLEANER_MAXSIZE": "1.5T"}, ("max_size", int(1.5 * 1024**4))),
+        ({"CLEANER_THRESHOLD_PERCENTAGE": "20"}, ("threshold_percentage", 20.0)),
+        ({"CLEANER_RUNEVERY_TIME": "1h2m3s"}, ("run_every", 3723.0)),
+        ({"CLEANER_RUNEVERY_TIME": "45s"}, ("run_every", 45.0)),
+    ],
+)
+def test_cleaner_environment_in_the_old_stack_format(
+    env: dict[str, str], expected: tuple[str, float]
+) -> None:
+    field, value = expected
+    assert getattr(load_settings(None, env).cleaner, field) == value
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CLEANER_MAXSIZE", "ten"),
+        ("CLEANER_THRESHOLD_PERCENTAGE", "-5"),
+        ("CLEANER_RUNEVERY_TIME", "0"),
+        ("CLEANER_RUNEVERY_TIME", "soon"),
+    ],
+)
+def test_bad_cleaner_values_stop_start_up_naming_the_variable(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        load_settings(None, {variable: value})
+    started = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "serve"],
+        env={"PATH": "/usr/bin:/bin", variable: value},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert started.returncode == 2
+    assert variable in started.stderr
