@@ -1,0 +1,189 @@
+"""Read-only and never an open proxy: no push, no unconfigured host, no credentials elsewhere.
+
+A second stand-in on another loopback address (or under another name for the same address)
+plays the foreign host: it records every request it gets, so "nothing reached it" is checked
+on the wire, and a control case shows the same setup does reach it when it is allowed to.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import StartProxy
+from tests.support import skopeo
+from tests.support.images import Image, push, write_layout
+from tests.support.registry import Registry
+from tests.support.standin import StandIn, blob_files
+from tests.test_auth import basic, write_users
+from tests.test_pull import ACCEPT_ALL, assert_same_image, one_upstream
+
+WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+UPSTREAM_CREDS = ("robot", "upstream-secret")
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Image:
+    return write_layout(tmp_path / "layout", "v1", None, [100_000], seed=41)
+
+
+def _routes(image: Image) -> list[str]:
+    base = "/v2/test.local/app"
+    layer = image.layers[0]
+    return [
+        "/v2",
+        "/v2/",
+        "/v2/_catalog",
+        f"{base}/manifests/v1",
+        f"{base}/manifests/{image.digest}",
+        f"{base}/blobs/{layer}",
+        f"{base}/blobs/uploads/",
+        f"{base}/blobs/uploads/?digest={layer}",
+        f"{base}/blobs/uploads/?mount={layer}&from=test.local/other",
+        f"{base}/blobs/uploads/0b8e5f8a-1b64-4a0e-9b7e-3c2f0e0c1a11",
+        f"{base}/tags/list",
+        f"{base}/referrers/{image.digest}",
+        "/v2/app/manifests/v1",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ]
+
+
+def test_every_write_method_on_every_route_is_refused(
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy, image: Image
+) -> None:
+    push(image, upstream.host, "app")
+    users = write_users(tmp_path / "htpasswd", {"alice": "wonderland"})
+    proxy = start_proxy(
+        {**one_upstream(upstream), "auth": {"htpasswd": {"path": str(users)}}},
+    )
+    alice = basic("alice", "wonderland")
+    # Cached first, so that a write could not fail merely for want of the content.
+    skopeo.copy(
+        f"docker://{proxy.host}/test.local/app:v1",
+        f"dir:{tmp_path / 'copy'}",
+        src_creds="alice:wonderland",
+    )
+    cached = blob_files(proxy.data)
+    upstream.clear_requests()
+
+    answers = {
+        (method, path): proxy.get(path, alice, method=method)
+        for method in WRITE_METHODS
+        for path in _routes(image)
+    }
+    refused = {
+        key: (status, json.loads(body)["errors"][0]["code"])
+        for key, (status, _, body) in answers.items()
+    }
+    assert refused == dict.fromkeys(answers, (405, "UNSUPPORTED"))
+    assert upstream.requests() == []
+    assert blob_files(proxy.data) == cached
+
+    other = write_layout(tmp_path / "other", "v2", None, [10_000], seed=42)
+    pushed = skopeo.copy(
+        f"oci:{other.layout}:v2",
+        f"docker://{proxy.host}/test.local/app:v2",
+        dest_creds="alice:wonderland",
+        check=False,
+        timeout=60,
+    )
+    assert pushed.returncode != 0
+    assert [m for m, _ in upstream.requests() if m not in ("GET", "HEAD")] == []
+    assert proxy.get("/v2/test.local/app/manifests/v2", alice)[0] == 404
+
+
+@pytest.fixture
+def foreign(image: Image) -> Iterator[StandIn]:
+    """A host the cache must never contact: 127.0.0.2, on loopback like everything here."""
+    with StandIn(image, "app", host="127.0.0.2") as standin:
+        yield standin
+
+
+def test_unconfigured_hosts_are_reached_neither_by_name_nor_by_ns(
+    upstream: Registry, start_proxy: StartProxy, foreign: StandIn
+) -> None:
+    proxy = start_proxy(one_upstream(upstream))
+    elsewhere = f"127.0.0.2:{foreign.port}"
+    upstream.clear_requests()
+    for path in (
+        f"/v2/app/manifests/v1?ns={elsewhere}",
+        f"/v2/app/manifests/v1?ns=localhost:{upstream.port}",
+        f"/v2/app/blobs/sha256:{'a' * 64}?ns={elsewhere}",
+        f"/v2/app/tags/list?ns={elsewhere}",
+        f"/v2/{elsewhere}/app/manifests/v1",
+        f"/v2/{elsewhere}/app/blobs/sha256:{'a' * 64}",
+        f"/v2/localhost:{upstream.port}/app/manifests/v1",
+    ):
+        status, _, body = proxy.get(path, {"Accept": ACCEPT_ALL})
+        assert (status, json.loads(body)["errors"][0]["code"]) == (404, "NAME_UNKNOWN"), path
+    assert foreign.authorizations == []
+    assert upstream.requests() == []
+
+
+@pytest.mark.parametrize(
+    ("realm_host", "followed"),
+    [("127.0.0.1", True), ("127.0.0.2", False), ("localhost", False)],
+    ids=["upstream's own host", "another address", "another name"],
+)
+def test_token_realm_gets_credentials_only_on_the_upstreams_host(
+    tmp_path: Path, start_proxy: StartProxy, image: Image, realm_host: str, followed: bool
+) -> None:
+    token_host = "127.0.0.2" if realm_host == "127.0.0.2" else "127.0.0.1"
+    with StandIn(image, "app") as registry, StandIn(image, "app", host=token_host) as tokens:
+        realm = f"http://{realm_host}:{tokens.port}/token"
+        registry.challenge = f'Bearer realm="{realm}",service="standin"'
+        user, password = UPSTREAM_CREDS
+        proxy = start_proxy(one_upstream(registry, username=user, password=password))
+
+        status, _, body = proxy.get("/v2/test.local/app/manifests/v1", {"Accept": ACCEPT_ALL})
+
+        if followed:
+            assert (status, body) == (200, image.raw)
+            sent = base64.b64encode(f"{user}:{password}".encode()).decode()
+            assert tokens.authorizations == [("/token", f"Basic {sent}")]
+            assert ("/v2/app/manifests/v1", "Bearer standin-token") in registry.authorizations
+        else:
+            assert (status, json.loads(body)["errors"][0]["code"]) == (401, "UNAUTHORIZED")
+            assert tokens.authorizations == []
+        assert password not in proxy.log()
+
+
+@pytest.mark.parametrize(
+    ("storage_host", "followed"),
+    [("127.0.0.1", True), ("127.0.0.2", False)],
+    ids=["upstream's own host", "another address"],
+)
+def test_blob_redirects_go_only_to_the_upstreams_hosts_without_credentials(
+    tmp_path: Path, start_proxy: StartProxy, image: Image, storage_host: str, followed: bool
+) -> None:
+    with StandIn(image, "app") as registry, StandIn(image, "app", host=storage_host) as storage:
+        registry.blob_redirect = storage.url
+        registry.challenge = 'Basic realm="standin"'
+        proxy = start_proxy(
+            one_upstream(registry, username=UPSTREAM_CREDS[0], password=UPSTREAM_CREDS[1])
+        )
+        result = skopeo.copy(
+            f"docker://{proxy.host}/test.local/app:v1",
+            f"dir:{tmp_path / 'copy'}",
+            check=False,
+            timeout=60,
+        )
+
+        blobs = [path for path, _ in storage.authorizations if "/blobs/" in path]
+        if followed:
+            assert result.returncode == 0, result.stderr
+            assert_same_image(skopeo.read_dir_copy(tmp_path / "copy"), image)
+            assert sorted(blobs) == sorted(f"/v2/app/blobs/{d}" for d in image.blobs)
+        else:
+            assert result.returncode != 0
+            assert blobs == []
+        # Another origin never gets the upstream's credentials, even one it may redirect to.
+        sent = "Basic " + base64.b64encode(":".join(UPSTREAM_CREDS).encode()).decode()
+        assert sent in {auth for _, auth in registry.authorizations}
+        assert {auth for _, auth in storage.authorizations} <= {None}
