@@ -34,7 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the cache")
-    commands.add_parser("health", help="exit 0 if the running cache answers /healthz")
+    health_check = commands.add_parser("health", help="exit 0 if the running cache is healthy")
+    health_check.add_argument(
+        "--ready", action="store_true", help="ask /readyz (storage, database) instead of /healthz"
+    )
     commands.add_parser("du", help="size and items, in total, per upstream and repository")
     ls = commands.add_parser("ls", help="cached repositories and tags")
     ls.add_argument("prefix", nargs="?", default="", metavar="UPSTREAM[/REPO]")
@@ -84,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream=sys.stderr,
         )
         if args.command == "health":
-            return health.check(settings)
+            return health.check(settings, "/readyz" if args.ready else "/healthz")
         return _serve(settings) if args.command == "serve" else _admin(args, settings)
     except ConfigError as exc:
         print(f"registry-cache: configuration error: {exc}", file=sys.stderr)

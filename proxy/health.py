@@ -1,4 +1,4 @@
-"""`registry-cache health`: ask the running cache's /healthz, for container health checks.
+"""`registry-cache health`: ask the running cache's /healthz or /readyz, for container probes.
 
 Slim images have no curl, and podman turns an HTTP probe into one; this command reads the same
 settings as the server, so it knows the port and whether to speak TLS.
@@ -18,8 +18,8 @@ __all__ = ["check"]
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
-def check(settings: Settings, timeout: float = 5.0) -> int:
-    """0 when the cache answers 200 on /healthz, 1 otherwise (with the reason on stderr)."""
+def check(settings: Settings, path: str = "/healthz", timeout: float = 5.0) -> int:
+    """0 when the cache answers 200 on `path`, 1 otherwise (with the reason on stderr)."""
     host = _WILDCARDS.get(settings.host, settings.host)
     if ":" in host:
         host = f"[{host}]"
@@ -31,7 +31,7 @@ def check(settings: Settings, timeout: float = 5.0) -> int:
     opener = urllib.request.build_opener(
         urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
     )
-    url = f"{scheme}://{host}:{settings.port}/healthz"
+    url = f"{scheme}://{host}:{settings.port}{path}"
     try:
         with opener.open(url, timeout=timeout) as response:
             if response.status == 200:

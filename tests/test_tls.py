@@ -7,6 +7,8 @@ import http.client
 import os
 import socket
 import ssl
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -74,7 +76,7 @@ def test_skopeo_pulls_over_tls_trusting_the_test_ca(
         old.minimum_version = ssl.TLSVersion.TLSv1
         old.maximum_version = ssl.TLSVersion.TLSv1_1
     old.set_ciphers("ALL:@SECLEVEL=0")
-    with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION|protocol version|UNEXPECTED_EOF"):
+    with pytest.raises(ssl.SSLError, match=r"PROTOCOL_VERSION|protocol version|UNEXPECTED_EOF"):
         _handshake(proxy.port, old).close()
     plain = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
     with pytest.raises((OSError, http.client.HTTPException)):
@@ -153,3 +155,20 @@ def test_unusable_certificate_stops_start_up(
     if problem == "expired":
         assert "expired on" in said
     assert "PRIVATE KEY" not in said and "Traceback" not in said
+
+
+def test_health_command_probes_the_running_cache_over_tls(
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy, ca: CertificateAuthority
+) -> None:
+    certs = ca.issue().write_combined(tmp_path / "certs.pem")
+    proxy = start_proxy(
+        {**one_upstream(upstream), "tls": {"cert": str(certs)}}, tls=ca.client_context()
+    )
+
+    def probe(*args: str) -> int:
+        command = [sys.executable, "-m", "proxy.cli", "--config", str(proxy.config_path)]
+        return subprocess.run([*command, "health", *args], timeout=30, check=False).returncode
+
+    assert (probe(), probe("--ready")) == (0, 0)
+    proxy.stop()
+    assert probe() == 1
