@@ -58,11 +58,17 @@ class Cleaner:
         self.metrics = metrics
         self._nudged = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._room_needed = 0
 
     def nudge(self, incoming: int = 0) -> None:
         """Wake the cleaner now if `incoming` more bytes would pass the high-water mark."""
         if self.metadata.total_size + incoming > self.settings.high_water_mark:
             self._nudged.set()
+
+    def make_room(self, needed: int) -> None:
+        """The disk is full: free at least `needed` bytes now, whatever the budget says."""
+        self._room_needed = max(self._room_needed, needed)
+        self._nudged.set()
 
     async def serve(self) -> None:
         """Run every `run_every`, or when nudged; until cancelled."""
@@ -72,11 +78,15 @@ class Cleaner:
             self._nudged.clear()
             # The admin `clean` command may have evicted from another process meanwhile.
             await self.metadata.refresh_totals()
-            if self.metadata.total_size > self.settings.high_water_mark:
-                try:
-                    await self.clean()
-                except Exception:
-                    log.exception("cleaner pass failed")
+            needed, self._room_needed = self._room_needed, 0
+            over_budget = self.metadata.total_size > self.settings.high_water_mark
+            if not (needed or over_budget):
+                continue
+            target = min(self.settings.max_size, self.metadata.total_size - needed)
+            try:
+                await self.clean(max_size=max(target, 0))
+            except Exception:
+                log.exception("cleaner pass failed")
 
     async def clean(self, max_size: int | None = None, dry_run: bool = False) -> EvictionReport:
         """Evict least recently used items until the cache holds at most `max_size`."""

@@ -24,6 +24,7 @@ from .metadata import Metadata
 from .metrics import Metrics
 from .routes import API_VERSION_HEADERS, CACHE, CACHE_STATUS, Routes
 from .settings import Settings
+from .status import install_status
 from .store import BlobStore
 from .upstream import UpstreamClient
 
@@ -191,7 +192,8 @@ def build_app(settings: Settings) -> web.Application:
         }
         cache = Cache(settings, store, metadata, upstreams, metrics)
         cleaner = Cleaner(settings.cleaner, store, metadata, cache.in_use, metrics)
-        cache.on_incoming = cleaner.nudge
+        cache.fetcher.on_incoming = cleaner.nudge
+        cache.fetcher.on_disk_full = cleaner.make_room
         app[CACHE] = cache
         _watch(metrics, cache)
         background = [
@@ -220,4 +222,5 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/readyz", ready)
     app.router.add_get("/metrics", metrics_endpoint)
     Routes(settings).install(app)
+    install_status(app, settings, metrics)
     return app

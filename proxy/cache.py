@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -21,8 +21,9 @@ from typing import Final
 from yarl import URL
 
 from . import errors
+from .blobfetch import BlobFetcher, DirectTransfer, upstream_failure
 from .errors import RegistryError, UpstreamError
-from .flight import CHUNK_SIZE, BlobDownload, SingleFlight
+from .flight import BlobDownload, SingleFlight
 from .manifest import ACCEPT_ALL, MAX_MANIFEST_SIZE, Manifest, acceptable, read_manifest
 from .metadata import ItemRecord, Metadata, TagRecord
 from .metrics import Metrics
@@ -66,21 +67,6 @@ def paginate(items: list[str], n: int | None, last: str | None) -> Page:
     return Page(page, page[-1] if page else None)
 
 
-def upstream_failure(exc: UpstreamError, unknown: errors.ErrorCode) -> RegistryError:
-    """What a client sees when the upstream failed and nothing cached can stand in."""
-    if isinstance(exc, errors.UpstreamNotFound):
-        return RegistryError(unknown)
-    if isinstance(exc, errors.UpstreamRateLimited):
-        headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
-        return RegistryError(errors.TOOMANYREQUESTS, str(exc), headers=headers)
-    if isinstance(exc, errors.UpstreamUnauthorized):
-        code = errors.DENIED if exc.status == 403 else errors.UNAUTHORIZED
-        return RegistryError(code, f"the upstream refused the cache's credentials: {exc}")
-    if isinstance(exc, errors.UpstreamUnavailable):
-        return RegistryError(errors.UNAVAILABLE, str(exc))
-    return RegistryError(errors.UNAVAILABLE, str(exc), status=502)
-
-
 class Cache:
     """One per process: owns the downloads in flight and the upstream clients."""
 
@@ -97,16 +83,13 @@ class Cache:
         self.store = store
         self.metadata = metadata
         self.upstreams = upstreams
-        self.downloads: dict[Digest, BlobDownload] = {}
-        self._download_tasks: set[asyncio.Task[None]] = set()
+        self.fetcher = BlobFetcher(store, metadata, settings.cache_write_timeout)
+        self.downloads = self.fetcher.downloads
         self._manifest_flights: SingleFlight[tuple[object, ...], Manifest] = SingleFlight(
             on_join=metrics.coalesced.labels("manifest").inc
         )
         self._stale_warned: dict[str, float] = {}
         self._leases: Counter[Digest] = Counter()
-        # Told how many bytes are on their way into the store (0 once they are in): the
-        # cleaner's cue to run before the disk fills.
-        self.on_incoming: Callable[[int], None] = lambda size: None
 
     @contextlib.contextmanager
     def lease(self, digest: Digest) -> Iterator[None]:
@@ -131,12 +114,13 @@ class Cache:
             problems.append(f"storage {self.store.root} is not writable")
         if not self.metadata.is_open:
             problems.append("metadata database is not open")
+        if self.fetcher.disk_full:
+            problems.append("the disk is full: serving without caching until there is room")
         return problems
 
     async def close(self) -> None:
         """Let downloads in flight finish (they are bounded by the upstream timeouts)."""
-        if self._download_tasks:
-            await asyncio.gather(*self._download_tasks, return_exceptions=True)
+        await self.fetcher.close()
 
     # -- manifests ---------------------------------------------------------------------------
 
@@ -312,23 +296,17 @@ class Cache:
         self.metadata.touch(str(digest))
         return LocalBlob(digest, self.store.path(digest), size)
 
-    def blob(self, target: Target, digest: Digest) -> LocalBlob | BlobDownload:
+    def blob(self, target: Target, digest: Digest) -> LocalBlob | BlobDownload | DirectTransfer:
         """The stored blob, or the download that is bringing it in (started if need be)."""
         local = self.local_blob(digest)
         if local is not None:
             self.metrics.hits.labels("blob").inc()
             return local
         self.metrics.misses.labels("blob").inc()
-        download = self.downloads.get(digest)
-        if download is not None:
+        transfer, joined = self.fetcher.get(self.upstreams[target.upstream], target, digest)
+        if joined:
             self.metrics.coalesced.labels("blob").inc()
-        else:
-            download = BlobDownload(digest, self.store.temp_path())
-            self.downloads[digest] = download
-            task = asyncio.create_task(self._download(target, download))
-            self._download_tasks.add(task)
-            task.add_done_callback(self._download_tasks.discard)
-        return download
+        return transfer
 
     async def blob_size(self, target: Target, digest: Digest) -> int | None:
         """What a blob HEAD answers: the size, from the store, a download, or an upstream HEAD."""
@@ -346,52 +324,6 @@ class Cache:
                 return response.content_length
         except UpstreamError as exc:
             raise upstream_failure(exc, errors.BLOB_UNKNOWN) from None
-
-    async def _download(self, target: Target, download: BlobDownload) -> None:
-        """Fetch a blob into the store, feeding its readers as it comes."""
-        digest = download.digest
-        upstream = self.upstreams[target.upstream]
-        try:
-            async with upstream.open(
-                "GET", f"{target.repository}/blobs/{digest}", repository=target.repository
-            ) as response:
-                download.start(response.content_length)
-                self.on_incoming(response.content_length or 0)
-                buffer = bytearray()
-                async for chunk in response.content.iter_chunked(CHUNK_SIZE):
-                    buffer += chunk
-                    if len(buffer) >= CHUNK_SIZE:
-                        await download.append(bytes(buffer))
-                        buffer.clear()
-                if buffer:
-                    await download.append(bytes(buffer))
-            download.verify()
-        except UpstreamError as exc:
-            self.downloads.pop(digest, None)
-            download.fail(upstream_failure(exc, errors.BLOB_UNKNOWN))
-            log.warning("download of %s from %s failed: %s", digest, target.upstream, exc)
-            return
-        except Exception as exc:
-            self.downloads.pop(digest, None)
-            download.fail(exc)
-            log.warning("download of %s from %s failed: %s", digest, target.upstream, exc)
-            return
-        download.succeed()
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, download.sync)
-            self.store.commit(download.temp_path, digest)
-            await self.metadata.add_item(
-                ItemRecord(str(digest), "blob", download.written, None),
-                (target.upstream, target.repository),
-            )
-            self.on_incoming(0)
-        except OSError as exc:
-            log.error("could not store %s: %s", digest, exc)
-            with contextlib.suppress(FileNotFoundError):
-                download.temp_path.unlink()
-        finally:
-            self.downloads.pop(digest, None)
-            download.release()
 
     # -- listings ----------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import Final, Generic, TypeVar
@@ -53,14 +54,19 @@ class SingleFlight(Generic[K, V]):
 class BlobDownload:
     """A blob on its way from the upstream into the store, readable while it grows."""
 
-    def __init__(self, digest: Digest, temp_path: Path) -> None:
+    def __init__(self, digest: Digest, temp_path: Path, *, resume: bool = False) -> None:
+        """A new download into `temp_path`, or (`resume`) one continuing a cut download's
+        partial file; `resume_partial` must then run before anything is appended."""
         self.digest = digest
         self.temp_path = temp_path
         self.size: int | None = None
         self.written = 0
-        self._fd = os.open(temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        flags = os.O_RDWR | os.O_CREAT | (0 if resume else os.O_EXCL)
+        self._fd = os.open(temp_path, flags, 0o644)
         self._hasher = digest.hasher()
         self._users = 1  # the writer
+        self.readers = 0
+        self.idle_since = time.monotonic()
         loop = asyncio.get_running_loop()
         self._started: asyncio.Future[None] = loop.create_future()
         self.finished: asyncio.Future[None] = loop.create_future()
@@ -68,6 +74,23 @@ class BlobDownload:
         self._settled = False
 
     # -- the writer side ---------------------------------------------------------------------
+
+    async def resume_partial(self) -> None:
+        """Take the bytes a cut download left as already written (hashed again from disk)."""
+
+        def rehash() -> int:
+            with open(self.temp_path, "rb") as file:
+                while chunk := file.read(CHUNK_SIZE):
+                    self._hasher.update(chunk)
+                return file.tell()
+
+        self.written = await asyncio.get_running_loop().run_in_executor(None, rehash)
+
+    def restart(self) -> None:
+        """Forget a partial file the upstream would not let us continue (it ignored Range)."""
+        os.ftruncate(self._fd, 0)
+        self._hasher = self.digest.hasher()
+        self.written = 0
 
     def start(self, size: int | None) -> None:
         """The upstream answered; readers may begin."""
@@ -105,11 +128,13 @@ class BlobDownload:
         self.size = self.written
         self._settle(None)
 
-    def fail(self, error: BaseException) -> None:
-        """Fail every reader, drop the temporary file, let go of the descriptor."""
+    def fail(self, error: BaseException, *, keep_partial: bool = False) -> None:
+        """Fail every reader and let go of the descriptor; drop the temporary file unless it
+        is kept for a later download to resume from."""
         self._settle(error)
-        with contextlib.suppress(FileNotFoundError):
-            self.temp_path.unlink()
+        if not keep_partial:
+            with contextlib.suppress(FileNotFoundError):
+                self.temp_path.unlink()
         self.release()
 
     def _settle(self, error: BaseException | None) -> None:
@@ -149,6 +174,7 @@ class BlobDownload:
         after the digest was verified.
         """
         self._users += 1
+        self.readers += 1
         try:
             await self.wait_started()
             position = start
@@ -172,6 +198,8 @@ class BlobDownload:
                     await progress.wait()
         finally:
             self.release()
+            self.readers -= 1
+            self.idle_since = time.monotonic()
 
 
 def file_digest(path: Path, algorithm: str) -> str:

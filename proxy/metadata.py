@@ -295,6 +295,14 @@ class Metadata:
 
         await self._run(replace)
 
+    async def pin_owners(self) -> list[str]:
+        """Everyone who pins something (the sync worker drops owners no longer configured)."""
+
+        def select(db: sqlite3.Connection) -> list[str]:
+            return [row[0] for row in db.execute("SELECT DISTINCT owner FROM pins ORDER BY 1")]
+
+        return await self._run(select)
+
     async def usage(self) -> tuple[Usage, list[Usage], list[Usage]]:
         """Size and items in total, per upstream and per repository (a shared blob counts in
         every repository that holds it, once in the totals)."""

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "counter_values"]
 
 _PREFIX = "registry_cache"
 
@@ -21,6 +21,16 @@ class _Live(Collector):
 
     def collect(self) -> list[Metric]:
         return self._read()
+
+
+def counter_values(counter: Counter) -> dict[tuple[str, ...], float]:
+    """A counter's totals by label values, for readers other than a Prometheus scrape."""
+    return {
+        tuple(sample.labels.values()): sample.value
+        for family in counter.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
 
 
 class Metrics:
@@ -68,6 +78,36 @@ class Metrics:
         self.max_size = Gauge(f"{_PREFIX}_cache_max_bytes", "CLEANER_MAXSIZE", registry=r)
         self.high_water = Gauge(
             f"{_PREFIX}_cache_high_water_bytes", "Size that triggers eviction", registry=r
+        )
+        self.sync_runs = Counter(
+            f"{_PREFIX}_sync_runs", "Sync entry runs, by outcome", ["entry", "result"], registry=r
+        )
+        self.sync_tags = Counter(
+            f"{_PREFIX}_sync_tags",
+            "Tags a sync checked, by outcome (copied, skipped, failed, retired)",
+            ["entry", "result"],
+            registry=r,
+        )
+        self.sync_bytes = Counter(
+            f"{_PREFIX}_sync_bytes", "Bytes a sync copied", ["entry"], registry=r
+        )
+        self.sync_ratelimit_waits = Counter(
+            f"{_PREFIX}_sync_ratelimit_waits",
+            "Times a sync waited for a source's rate limit to recover",
+            ["registry"],
+            registry=r,
+        )
+        self.sync_skipped_ticks = Counter(
+            f"{_PREFIX}_sync_skipped_ticks",
+            "Scheduled sync runs skipped because the previous one was still going",
+            ["entry"],
+            registry=r,
+        )
+        self.sync_last_run = Gauge(
+            f"{_PREFIX}_sync_last_run_timestamp_seconds",
+            "When a sync entry last finished",
+            ["entry"],
+            registry=r,
         )
 
     def watch(self, read: Callable[[], dict[str, float | dict[str, float]]]) -> None:

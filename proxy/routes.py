@@ -18,10 +18,12 @@ from aiohttp import web
 from yarl import URL
 
 from . import errors
+from .blobfetch import DirectTransfer
 from .cache import Cache, LocalBlob, Page
 from .errors import RegistryError
 from .flight import BlobDownload
 from .manifest import parse_accept
+from .pulls import PULLS, PullCounter
 from .reference import Digest, Tag, Target, looks_like_host, validate_repository
 from .settings import DOCKER_HUB, Settings
 
@@ -149,6 +151,7 @@ class Routes:
         self.settings = settings
 
     def install(self, app: web.Application) -> None:
+        app[PULLS] = PullCounter()
         app.router.add_route("*", "/v2", self.base)
         app.router.add_route("*", "/v2/", self.base)
         app.router.add_route("*", "/v2/{path:.+}", self.dispatch)
@@ -183,6 +186,8 @@ class Routes:
         ref: Tag | Digest = Digest.parse(reference) if ":" in reference else Tag.parse(reference)
         accept = parse_accept(request.headers.getall("Accept", []))
         manifest = await request.app[CACHE].manifest(target, ref, accept)
+        if request.method == "GET":
+            request.app[PULLS].record(target.upstream, target.repository)
         request[CACHE_STATUS] = "miss" if manifest.fetched else "hit"
         return web.Response(
             body=manifest.data,
@@ -224,7 +229,10 @@ class Routes:
         return await self._stream_download(request, found, headers)
 
     async def _stream_download(
-        self, request: web.Request, download: BlobDownload, headers: dict[str, str]
+        self,
+        request: web.Request,
+        download: BlobDownload | DirectTransfer,
+        headers: dict[str, str],
     ) -> web.StreamResponse:
         """Serve a blob while it downloads; a failure cuts the transfer short."""
         await download.wait_started()

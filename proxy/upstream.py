@@ -33,6 +33,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .metrics import Metrics
+from .reachability import Reachability
 from .settings import UpstreamSettings, host_allowed
 
 __all__ = ["RateLimit", "UpstreamClient"]
@@ -40,6 +41,8 @@ __all__ = ["RateLimit", "UpstreamClient"]
 log = logging.getLogger(__name__)
 
 _MAX_REDIRECTS: Final = 5
+_RETRY_PAUSES: Final = (0.2, 1.0)
+_RETRY_STATUSES: Final = frozenset({502, 503, 504})
 _USER_AGENT: Final = "registry-cache/0.1"
 _CHALLENGE_PARAM: Final = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
 # A token is reused until this many seconds before it expires.
@@ -120,6 +123,7 @@ class UpstreamClient:
         self._token_locks: dict[str, asyncio.Lock] = {}
         self._basic = False
         self.rate_limit: RateLimit | None = None
+        self.reachability = Reachability()
 
     async def close(self) -> None:
         await self._session.close()
@@ -171,12 +175,7 @@ class UpstreamClient:
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """`open` for an absolute URL from `resolve`."""
         scope = f"repository:{repository}:{actions}"
-        try:
-            response = await self._send_with_auth(method, url, scope, headers or {}, data)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamUnavailable(
-                f"{self.settings.name}: {type(exc).__name__}: {exc}"
-            ) from None
+        response = await self._send_with_retries(method, url, scope, headers or {}, data)
         try:
             self._note_rate_limit(response)
             self._raise_for_status(response)
@@ -187,6 +186,33 @@ class UpstreamClient:
             ) from None
         finally:
             response.release()
+
+    async def _send_with_retries(
+        self,
+        method: str,
+        url: URL,
+        scope: str,
+        headers: Mapping[str, str],
+        data: bytes | None,
+    ) -> aiohttp.ClientResponse:
+        """Retry what a second try can fix: a refused or cut connection, a timeout, a 502,
+        503 or 504; only for reads, which are safe to repeat, and with a growing pause."""
+        retryable = method in ("GET", "HEAD")
+        for pause in (*_RETRY_PAUSES, None):
+            try:
+                response = await self._send_with_auth(method, url, scope, headers, data)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if not retryable or pause is None:
+                    raise UpstreamUnavailable(
+                        f"{self.settings.name}: {type(exc).__name__}: {exc}"
+                    ) from None
+            else:
+                if not retryable or pause is None or response.status not in _RETRY_STATUSES:
+                    return response
+                response.release()
+            log.info("retrying %s %s in %.2fs", method, url.path, pause)
+            await asyncio.sleep(pause)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
         status = response.status
@@ -226,6 +252,8 @@ class UpstreamClient:
         if scheme == "basic" and self.settings.has_credentials:
             self._basic = True
         elif scheme == "bearer" and "realm" in params:
+            # The token we sent (if any) was refused, perhaps expired early: never reuse it.
+            self._tokens.pop(params.get("scope") or scope, None)
             await self._refresh_token(params, params.get("scope") or scope)
         else:
             raise UpstreamUnauthorized(401, f"{self.settings.name} requires credentials we lack")
@@ -283,11 +311,16 @@ class UpstreamClient:
             response = await self._session.request(
                 method, url, headers=headers, data=data, allow_redirects=False
             )
-        except (aiohttp.ClientError, TimeoutError):
+        except (aiohttp.ClientError, TimeoutError) as exc:
             self.metrics.upstream_requests.labels(name, "error").inc()
+            self.reachability.failed(f"{type(exc).__name__}: {exc}")
             raise
         self.metrics.upstream_latency.labels(name).observe(time.monotonic() - started)
         self.metrics.upstream_requests.labels(name, str(response.status)).inc()
+        if response.status >= 500:
+            self.reachability.failed(f"{method} {url.path} answered {response.status}")
+        else:
+            self.reachability.succeeded()
         return response
 
     async def _refresh_token(self, challenge: Mapping[str, str], scope: str) -> None:

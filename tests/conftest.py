@@ -47,6 +47,7 @@ def token_server(_token_server_session: TokenServer) -> Iterator[TokenServer]:
     yield server
     server.allow_anonymous = False
     server.expires_in = 300
+    server.claimed_expires_in = None
     server.policy = None
     server.users = dict(USERS)
     if not server.running:  # a test stopped it (e.g. to simulate an auth outage)

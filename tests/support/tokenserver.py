@@ -132,6 +132,8 @@ class TokenServer:
         self.users = dict(users or {})
         self.allow_anonymous = allow_anonymous
         self.expires_in = expires_in
+        self.claimed_expires_in: int | None = None
+        """What the JSON answer says the lifetime is, when it lies (None: the truth)."""
         self.service = service
         self.issuer = issuer
         self.policy = policy
@@ -275,7 +277,9 @@ class TokenServer:
             {
                 "token": token,
                 "access_token": token,
-                "expires_in": self.expires_in,
+                "expires_in": (
+                    self.expires_in if self.claimed_expires_in is None else self.claimed_expires_in
+                ),
                 "issued_at": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
             }
         )

@@ -1,0 +1,251 @@
+"""Bringing blobs from upstreams into the store.
+
+One download per digest, whatever the number of clients; a download cut by the upstream
+leaves its bytes for the next one to resume with `Range`; a download nobody waits for any more
+is abandoned after `cache_write_timeout`; and when the disk is full, clients are served
+straight from the upstream without caching until the cleaner has made room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Callable
+from pathlib import Path
+from typing import Final
+
+import aiohttp
+
+from . import errors
+from .errors import BlobVerificationError, RegistryError, UpstreamError
+from .flight import CHUNK_SIZE, BlobDownload
+from .metadata import ItemRecord, Metadata
+from .reference import Digest, Target
+from .store import BlobStore
+from .upstream import UpstreamClient
+
+__all__ = ["BlobFetcher", "DirectTransfer", "upstream_failure"]
+
+log = logging.getLogger(__name__)
+
+_DISK_FULL: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# After a write failed for want of space, how long to serve without caching before trying again.
+_DISK_FULL_BACKOFF: Final = 30.0
+_MAX_PARTIALS: Final = 16
+
+
+def upstream_failure(exc: UpstreamError, unknown: errors.ErrorCode) -> RegistryError:
+    """What a client sees when the upstream failed and nothing cached can stand in."""
+    if isinstance(exc, errors.UpstreamNotFound):
+        return RegistryError(unknown)
+    if isinstance(exc, errors.UpstreamRateLimited):
+        headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+        return RegistryError(errors.TOOMANYREQUESTS, str(exc), headers=headers)
+    if isinstance(exc, errors.UpstreamUnauthorized):
+        code = errors.DENIED if exc.status == 403 else errors.UNAUTHORIZED
+        return RegistryError(code, f"the upstream refused the cache's credentials: {exc}")
+    if isinstance(exc, errors.UpstreamUnavailable):
+        return RegistryError(errors.UNAVAILABLE, str(exc))
+    return RegistryError(errors.UNAVAILABLE, str(exc), status=502)
+
+
+class _Abandoned(Exception):
+    """No client waited for the download for longer than `cache_write_timeout`."""
+
+
+class DirectTransfer:
+    """A blob streamed from the upstream to one client, verified but not cached."""
+
+    def __init__(self, upstream: UpstreamClient, target: Target, digest: Digest) -> None:
+        self.digest = digest
+        self.size: int | None = None
+        self._upstream = upstream
+        self._target = target
+        self._stack = contextlib.AsyncExitStack()
+        self._response: aiohttp.ClientResponse | None = None
+
+    async def wait_started(self) -> None:
+        path = f"{self._target.repository}/blobs/{self.digest}"
+        try:
+            self._response = await self._stack.enter_async_context(
+                self._upstream.open("GET", path, repository=self._target.repository)
+            )
+        except UpstreamError as exc:
+            raise upstream_failure(exc, errors.BLOB_UNKNOWN) from None
+        self.size = self._response.content_length
+
+    async def read(self, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
+        """Bytes `start` to `end`; the last piece only once the whole blob was verified."""
+        assert self._response is not None, "wait_started() first"
+        hasher = self.digest.hasher()
+        position = 0
+        held = b""
+        try:
+            async for chunk in self._response.content.iter_chunked(CHUNK_SIZE):
+                hasher.update(chunk)
+                low, high = max(start - position, 0), len(chunk)
+                if end is not None:
+                    high = min(high, end - position)
+                position += len(chunk)
+                if low < high:
+                    if held:
+                        yield held
+                    held = chunk[low:high]
+            if hasher.hexdigest() != self.digest.encoded:
+                raise BlobVerificationError(f"{self.digest}: content does not match its digest")
+            if held:
+                yield held
+        except UpstreamError as exc:
+            raise upstream_failure(exc, errors.BLOB_UNKNOWN) from None
+        finally:
+            await self._stack.aclose()
+
+
+class BlobFetcher:
+    """Owns the downloads in flight and what cut ones left behind."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        metadata: Metadata,
+        cache_write_timeout: float,
+    ) -> None:
+        self.store = store
+        self.metadata = metadata
+        self.cache_write_timeout = cache_write_timeout
+        self.downloads: dict[Digest, BlobDownload] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._partials: OrderedDict[Digest, Path] = OrderedDict()
+        self._disk_full_until = 0.0
+        # Told how many bytes are on their way into the store (0 once they are in): the
+        # cleaner's cue to run before the disk fills.
+        self.on_incoming: Callable[[int], None] = lambda size: None
+        # Told how many bytes a write could not find room for: the cleaner must make room now.
+        self.on_disk_full: Callable[[int], None] = lambda size: None
+
+    @property
+    def disk_full(self) -> bool:
+        return time.monotonic() < self._disk_full_until
+
+    def get(
+        self, upstream: UpstreamClient, target: Target, digest: Digest
+    ) -> tuple[BlobDownload | DirectTransfer, bool]:
+        """The download bringing `digest` in (started if need be), or, while the disk is
+        full, a direct transfer; and whether it joined a download already under way."""
+        download = self.downloads.get(digest)
+        if download is not None:
+            return download, True
+        if self.disk_full:
+            return DirectTransfer(upstream, target, digest), False
+        partial = self._partials.pop(digest, None)
+        if partial is not None and partial.exists():
+            download = BlobDownload(digest, partial, resume=True)
+        else:
+            download = BlobDownload(digest, self.store.temp_path())
+        self.downloads[digest] = download
+        task = asyncio.create_task(self._download(upstream, target, download))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return download, False
+
+    async def close(self) -> None:
+        """Let downloads in flight finish (they are bounded by the upstream timeouts)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for partial in self._partials.values():
+            partial.unlink(missing_ok=True)
+
+    async def _download(
+        self, upstream: UpstreamClient, target: Target, download: BlobDownload
+    ) -> None:
+        """Fetch a blob into the store, feeding its readers as it comes."""
+        digest = download.digest
+        try:
+            await self._transfer(upstream, target, download)
+            download.verify()
+        except Exception as exc:
+            self.downloads.pop(digest, None)
+            self._fail(download, exc, target)
+            return
+        download.succeed()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, download.sync)
+            self.store.commit(download.temp_path, digest)
+            await self.metadata.add_item(
+                ItemRecord(str(digest), "blob", download.written, None),
+                (target.upstream, target.repository),
+            )
+            self.on_incoming(0)
+        except OSError as exc:
+            log.error("could not store %s: %s", digest, exc)
+            download.temp_path.unlink(missing_ok=True)
+        finally:
+            self.downloads.pop(digest, None)
+            download.release()
+
+    async def _transfer(
+        self, upstream: UpstreamClient, target: Target, download: BlobDownload
+    ) -> None:
+        """Copy the upstream's bytes into the download, from where a cut one stopped."""
+        if download.written == 0 and download.temp_path.stat().st_size:
+            await download.resume_partial()
+        offset = download.written
+        headers = {"Range": f"bytes={offset}-"} if offset else None
+        path = f"{target.repository}/blobs/{download.digest}"
+        async with upstream.open(
+            "GET", path, repository=target.repository, headers=headers
+        ) as response:
+            size = response.content_length
+            if offset and response.status == 206:
+                total = response.headers.get("Content-Range", "").rpartition("/")[2]
+                size = int(total) if total.isdigit() else None
+                log.info("resuming %s at byte %d of %s", download.digest, offset, size)
+            elif offset:
+                download.restart()
+            download.start(size)
+            self.on_incoming((size or 0) - download.written)
+            buffer = bytearray()
+            async for chunk in response.content.iter_chunked(CHUNK_SIZE):
+                buffer += chunk
+                if len(buffer) >= CHUNK_SIZE:
+                    await self._append(download, bytes(buffer))
+                    buffer.clear()
+            if buffer:
+                await self._append(download, bytes(buffer))
+
+    async def _append(self, download: BlobDownload, data: bytes) -> None:
+        idle = time.monotonic() - download.idle_since
+        if not download.readers and idle > self.cache_write_timeout:
+            raise _Abandoned(f"no client waited for {download.digest} for {idle:.0f}s")
+        await download.append(data)
+
+    def _fail(self, download: BlobDownload, exc: Exception, target: Target) -> None:
+        """Report a failed download to its readers; keep what a cut one got, for a resume."""
+        digest = download.digest
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            self._disk_full_until = time.monotonic() + _DISK_FULL_BACKOFF
+            self.on_disk_full(max((download.size or 0) - download.written, CHUNK_SIZE))
+            error: Exception = RegistryError(errors.UNAVAILABLE, "the cache's disk is full")
+        elif isinstance(exc, UpstreamError):
+            error = upstream_failure(exc, errors.BLOB_UNKNOWN)
+        else:
+            error = exc
+        resumable = isinstance(exc, errors.UpstreamUnavailable) and download.written > 0
+        download.fail(error, keep_partial=resumable)
+        if resumable:
+            self._partials[digest] = download.temp_path
+            while len(self._partials) > _MAX_PARTIALS:
+                _, oldest = self._partials.popitem(last=False)
+                oldest.unlink(missing_ok=True)
+        log.warning(
+            "download of %s from %s failed after %d bytes%s: %s",
+            digest,
+            target.upstream,
+            download.written,
+            " (kept to resume)" if resumable else "",
+            exc,
+        )
