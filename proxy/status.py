@@ -143,7 +143,7 @@ def _config_summary(settings: Settings) -> dict[str, str | int | float | bool | 
         "manifest_ttl_seconds": settings.manifest_ttl,
         "upstream_connect_timeout_seconds": settings.upstream_connect_timeout,
         "upstream_read_timeout_seconds": settings.upstream_read_timeout,
-        "cleaner_max_size": settings.cleaner.max_size,
+        "cleaner_max_size_bytes": settings.cleaner.max_size,
         "cleaner_threshold_percentage": settings.cleaner.threshold_percentage,
         "cleaner_run_every_seconds": settings.cleaner.run_every,
         "client_auth": auth is not None,

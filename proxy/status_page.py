@@ -42,7 +42,7 @@ table { border-collapse: collapse; width: 100%; }
 th, td { text-align: left; padding: 4px 8px 4px 0; border-bottom: 1px solid #eceef1;
   vertical-align: top; }
 th { font-weight: 600; color: #4a5563; }
-td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
+td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .big { font-size: 22px; font-weight: 600; }
 .stats { display: flex; gap: 28px; margin: 10px 0; }
 .stats div span { display: block; color: #6b7380; font-size: 12px; }
@@ -175,6 +175,7 @@ def _traffic_row(label: str, totals: TrafficTotals) -> list[str]:
 
 def _traffic_section(traffic: TrafficStatus) -> str:
     served = [[t.bytes_from_cache, t.bytes_from_upstream] for t in traffic.intervals]
+    peak = max((sum(s) for s in served), default=0)
     ratios = [[t.hit_ratio or 0.0] for t in traffic.intervals]
     table = _table(
         ["", "hit ratio", "hits", "misses", "from cache", "from upstream"],
@@ -188,8 +189,8 @@ def _traffic_section(traffic: TrafficStatus) -> str:
         f"<section><h2>Traffic</h2>{table}"
         f'<p class="legend muted">bytes served per {traffic.interval_seconds:.0f} s, last hour'
         f'<i style="background:{_GREEN}"></i>from cache'
-        f'<i style="background:{_AMBER}"></i>from upstream</p>'
-        f"{_bars(served, [_GREEN, _AMBER], max((sum(s) for s in served), default=0))}"
+        f'<i style="background:{_AMBER}"></i>from upstream (peak {_bytes(peak)})</p>'
+        f"{_bars(served, [_GREEN, _AMBER], peak)}"
         f'<p class="legend muted">hit ratio per {traffic.interval_seconds:.0f} s (0 to 100%)</p>'
         f"{_bars(ratios, [_BLUE], 1.0)}</section>"
     )
@@ -263,10 +264,23 @@ def _sync_section(status: Status) -> str:
     return f"<section><h2>Sync</h2>{table}</section>"
 
 
+def _setting(key: str, value: str | int | float | bool | None) -> str:
+    """A setting as an operator writes it: units from the key's suffix, yes/no for flags."""
+    if value is None:
+        return _NONE
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, str):
+        return escape(value)
+    if key.endswith("_bytes"):
+        return _bytes(value)
+    if key.endswith("_seconds"):
+        return str(format_timespan(value))
+    return str(value)
+
+
 def _config_section(status: Status) -> str:
-    rows = [
-        [escape(key), escape(_NONE if v is None else str(v))] for key, v in status.config.items()
-    ]
+    rows = [[escape(key), _setting(key, value)] for key, value in status.config.items()]
     return f"<section><h2>Configuration</h2>{_table(['setting', 'value'], rows, set())}</section>"
 
 
