@@ -26,6 +26,8 @@ from .routes import API_VERSION_HEADERS, CACHE, CACHE_STATUS, Routes
 from .settings import Settings
 from .status import install_status
 from .store import BlobStore
+from .sync import service as sync_service
+from .sync.config import load_sync_config
 from .upstream import UpstreamClient
 
 __all__ = ["METRICS", "AccessLogger", "build_app"]
@@ -175,6 +177,8 @@ def build_app(settings: Settings) -> web.Application:
     metrics = app[METRICS] = Metrics()
     metrics.max_size.set(settings.cleaner.max_size)
     metrics.high_water.set(settings.cleaner.high_water_mark)
+    # Loaded now, so that a bad sync file stops start-up like a bad main configuration.
+    sync_config = load_sync_config(settings.sync_config) if settings.sync_config else None
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         store = BlobStore(settings.storage_root)
@@ -200,6 +204,12 @@ def build_app(settings: Settings) -> web.Application:
             asyncio.create_task(cleaner.serve(), name="cleaner"),
             asyncio.create_task(_flush_access_times(metadata), name="access-times"),
         ]
+        if sync_config is not None:
+            background.append(
+                asyncio.create_task(
+                    sync_service.serve(settings, sync_config, cache, metrics), name="sync"
+                )
+            )
         log.info(
             "serving upstreams %s (default %s), data in %s",
             ", ".join(sorted(upstreams)),

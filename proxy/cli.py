@@ -15,6 +15,7 @@ from aiohttp import web
 from . import admin, health
 from .app import AccessLogger, build_app
 from .settings import ConfigError, Settings, load_settings, parse_size
+from .sync import run as sync_run
 from .tls import server_context
 
 __all__ = ["main"]
@@ -46,7 +47,21 @@ def _parser() -> argparse.ArgumentParser:
     clean.add_argument("--max-size", help="evict down to this size (e.g. 5G), now")
     verify = commands.add_parser("verify", help="re-hash every cached blob")
     verify.add_argument("--repair", action="store_true", help="remove corrupt blobs")
+    sync = commands.add_parser("sync", help="mirror images as a regsync configuration says")
+    sync.add_argument("--sync-config", type=Path, help="regsync-format file (default: sync.config)")
+    sync_commands = sync.add_subparsers(dest="sync_command", required=True)
+    sync_once = sync_commands.add_parser("once", help="one pass; exit 1 if any entry failed")
+    sync_once.add_argument("--dry-run", action="store_true", help="show copies and deletions only")
+    sync_once.add_argument("--missing", action="store_true", help="copy only absent tags")
+    sync_commands.add_parser("check", help="what would be copied or deleted; change nothing")
     return parser
+
+
+def _sync(args: argparse.Namespace, settings: Settings) -> int:
+    dry_run = args.sync_command == "check" or args.dry_run
+    missing = args.sync_command == "once" and args.missing
+    path = args.sync_config or settings.sync_config
+    return asyncio.run(sync_run.once(settings, path, dry_run, missing, print))
 
 
 def _admin(args: argparse.Namespace, settings: Settings) -> int:
@@ -96,3 +111,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+        if args.command == "sync":
+            return _sync(args, settings)

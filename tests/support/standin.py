@@ -31,6 +31,9 @@ class StandIn:
         self.host = host
         self.port = free_port()
         self.corrupt: set[str] = set()
+        # `RateLimit-Remaining` for successive manifest requests (the last one stays), as
+        # Docker Hub announces it; empty: no rate-limit headers.
+        self.rate_limits: list[int] = []
         self.requests: Counter[tuple[str, str]] = Counter()
         self.authorizations: list[tuple[str, str | None]] = []
         """(path, Authorization header or None) of every request, in order."""
@@ -60,6 +63,12 @@ class StandIn:
             "Docker-Content-Digest": digest,
             "Content-Type": media_type or "application/vnd.oci.image.manifest.v1+json",
         }
+        if self.rate_limits:
+            remaining = (
+                self.rate_limits.pop(0) if len(self.rate_limits) > 1 else self.rate_limits[0]
+            )
+            headers["RateLimit-Limit"] = "100;w=21600"
+            headers["RateLimit-Remaining"] = f"{remaining};w=21600"
         return web.Response(body=data, headers=headers)
 
     async def _token(self, request: web.Request) -> web.Response:

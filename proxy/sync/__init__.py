@@ -1,0 +1,1 @@
+"""The sync worker: regsync-format mirroring into the cache or another registry."""

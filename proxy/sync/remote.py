@@ -1,0 +1,265 @@
+"""One registry as the sync worker uses it: reads, and the OCI push API for a copy's target.
+
+All I/O goes through `proxy.upstream.UpstreamClient` (auth, redirects, error mapping); this adds
+the distribution-spec calls a copy needs and regsync's per-host throttle (`reqPerSec`,
+`reqConcurrent`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+
+from proxy.errors import UpstreamError, UpstreamNotFound, UpstreamStatusError
+from proxy.manifest import ACCEPT_ALL, MAX_MANIFEST_SIZE, Manifest, read_manifest
+from proxy.reference import Digest
+from proxy.upstream import RateLimit, UpstreamClient
+
+__all__ = ["Head", "Remote", "Throttle"]
+
+_CHUNK: Final = 1024 * 1024
+
+
+class Throttle:
+    """At most `concurrent` requests at a time, started at most `per_second` per second."""
+
+    def __init__(self, per_second: float = 0.0, concurrent: int = 3) -> None:
+        self._semaphore = asyncio.Semaphore(concurrent)
+        self._spacing = 1.0 / per_second if per_second > 0 else 0.0
+        self._next_start = 0.0
+        self._lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        async with self._semaphore:
+            if self._spacing:
+                async with self._lock:
+                    delay = self._next_start - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    self._next_start = time.monotonic() + self._spacing
+            yield
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """What a manifest HEAD told: the digest, the media type, the rate limit if announced."""
+
+    digest: str
+    media_type: str
+    rate_limit: RateLimit | None
+
+
+class Remote:
+    """A registry, one repository at a time."""
+
+    def __init__(self, name: str, client: UpstreamClient, throttle: Throttle | None = None) -> None:
+        self.name = name
+        self.client = client
+        self.throttle = throttle or Throttle()
+
+    @asynccontextmanager
+    async def _open(
+        self,
+        method: str,
+        path: str,
+        repository: str,
+        *,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+        data: bytes | None = None,
+        push: bool = False,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        async with (
+            self.throttle.slot(),
+            self.client.open(
+                method,
+                f"{repository}/{path}",
+                repository=repository,
+                headers=headers,
+                params=params,
+                data=data,
+                actions="pull,push" if push else "pull",
+            ) as response,
+        ):
+            yield response
+
+    async def head_manifest(self, repository: str, reference: str) -> Head | None:
+        """The manifest's digest (None if there is none); a HEAD, which Docker Hub does not
+        count against the pull limit."""
+        try:
+            async with self._open(
+                "HEAD",
+                f"manifests/{reference}",
+                repository,
+                headers={"Accept": ", ".join(ACCEPT_ALL)},
+            ) as response:
+                digest = response.headers.get("Docker-Content-Digest")
+                media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+                rate_limit = RateLimit.from_headers(response.headers)
+        except UpstreamNotFound:
+            return None
+        if digest is None:
+            # A registry that does not send the digest on HEAD: fall back to a GET.
+            manifest = await self.manifest(repository, reference)
+            return Head(str(manifest.digest), manifest.media_type, rate_limit)
+        return Head(digest, media_type, rate_limit)
+
+    async def manifest(self, repository: str, reference: str) -> Manifest:
+        """A manifest's exact bytes, checked against the digest asked for or announced."""
+        async with self._open(
+            "GET", f"manifests/{reference}", repository, headers={"Accept": ", ".join(ACCEPT_ALL)}
+        ) as response:
+            data = await response.content.read(MAX_MANIFEST_SIZE + 1)
+            content_type = response.headers.get("Content-Type")
+            announced = response.headers.get("Docker-Content-Digest")
+        if len(data) > MAX_MANIFEST_SIZE:
+            raise UpstreamError(f"{self.name}/{repository}:{reference}: manifest exceeds 4 MiB")
+        expected = reference if reference.startswith("sha") else announced
+        algorithm = expected.split(":", 1)[0] if expected else "sha256"
+        digest = Digest.of(data, algorithm)
+        if expected is not None and str(digest) != expected:
+            raise UpstreamError(
+                f"{self.name}/{repository}@{expected}: manifest does not match its digest"
+            )
+        media_type, _ = read_manifest(data, content_type)
+        return Manifest(digest, media_type, data)
+
+    async def blob(self, repository: str, digest: str) -> bytes:
+        """A small blob (an image config), whole."""
+        async with self._open("GET", f"blobs/{digest}", repository) as response:
+            return await response.content.read(MAX_MANIFEST_SIZE)
+
+    @asynccontextmanager
+    async def blob_stream(
+        self, repository: str, digest: str
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """A blob's bytes as they arrive."""
+        async with self._open("GET", f"blobs/{digest}", repository) as response:
+            yield response.content.iter_chunked(_CHUNK)
+
+    async def tags(self, repository: str) -> list[str]:
+        """Every tag, following the `Link` pagination."""
+        tags: list[str] = []
+        params: dict[str, str] = {"n": "1000"}
+        while True:
+            async with self._open("GET", "tags/list", repository, params=params) as response:
+                document = json.loads(await response.content.read(MAX_MANIFEST_SIZE))
+                link = response.headers.get("Link")
+            listed = document.get("tags") if isinstance(document, dict) else None
+            tags += [tag for tag in listed or [] if isinstance(tag, str)]
+            if not link or not listed:
+                return tags
+            params = {"n": "1000", "last": listed[-1]}
+
+    async def has_blob(self, repository: str, digest: str) -> bool:
+        try:
+            async with self._open("HEAD", f"blobs/{digest}", repository, push=True):
+                return True
+        except UpstreamNotFound:
+            return False
+
+    async def mount(self, repository: str, digest: str, source: str) -> bool:
+        """Cross-repository mount from `source` in the same registry; False if not done."""
+        params = {"mount": digest, "from": source}
+        async with self._open("POST", "blobs/uploads/", repository, params=params, push=True) as r:
+            mounted = r.status == 201
+            location = r.headers.get("Location")
+        if not mounted and location:
+            # The registry opened an upload session instead; it expires by itself, but say so.
+            await self._cancel(repository, location)
+        return mounted
+
+    async def _cancel(self, repository: str, location: str) -> None:
+        try:
+            async with (
+                self.throttle.slot(),
+                self.client.request(
+                    "DELETE",
+                    self.client.resolve(location),
+                    repository=repository,
+                    actions="pull,push",
+                ),
+            ):
+                pass
+        except UpstreamError:
+            pass  # distribution 2.x may refuse; the session times out anyway
+
+    async def upload(
+        self, repository: str, digest: str, chunks: AsyncIterator[bytes], chunk_size: int
+    ) -> int:
+        """Push a blob: one PUT if it fits `chunk_size`, else PATCHes and a closing PUT."""
+        async with self._open("POST", "blobs/uploads/", repository, push=True) as response:
+            location = self._location(response)
+        buffer = bytearray()
+        sent = 0
+        async for chunk in chunks:
+            buffer += chunk
+            while len(buffer) >= chunk_size:
+                location = await self._patch(repository, location, bytes(buffer[:chunk_size]), sent)
+                sent += chunk_size
+                del buffer[:chunk_size]
+        url = self.client.resolve(location)
+        url = url.update_query({"digest": digest})
+        headers = {"Content-Type": "application/octet-stream"}
+        async with (
+            self.throttle.slot(),
+            self.client.request(
+                "PUT",
+                url,
+                repository=repository,
+                headers=headers,
+                data=bytes(buffer),
+                actions="pull,push",
+            ) as response,
+        ):
+            if response.status != 201:
+                raise UpstreamStatusError(response.status, f"{self.name}: blob upload not created")
+        return sent + len(buffer)
+
+    async def _patch(self, repository: str, location: str, data: bytes, offset: int) -> str:
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Range": f"{offset}-{offset + len(data) - 1}",
+        }
+        async with (
+            self.throttle.slot(),
+            self.client.request(
+                "PATCH",
+                self.client.resolve(location),
+                repository=repository,
+                headers=headers,
+                data=data,
+                actions="pull,push",
+            ) as response,
+        ):
+            return self._location(response)
+
+    def _location(self, response: aiohttp.ClientResponse) -> str:
+        location = response.headers.get("Location")
+        if not location:
+            raise UpstreamError(f"{self.name} answered an upload without a Location")
+        return location
+
+    async def put_manifest(self, repository: str, reference: str, manifest: Manifest) -> None:
+        headers = {"Content-Type": manifest.media_type}
+        async with self._open(
+            "PUT",
+            f"manifests/{reference}",
+            repository,
+            headers=headers,
+            data=manifest.data,
+            push=True,
+        ):
+            pass
+
+    async def delete_manifest(self, repository: str, reference: str) -> None:
+        async with self._open("DELETE", f"manifests/{reference}", repository, push=True):
+            pass

@@ -1,0 +1,114 @@
+"""`registry-cache sync once|check`: one pass, a summary table, an exit status."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import humanfriendly
+
+from proxy.cache import Cache
+from proxy.metadata import Metadata
+from proxy.metrics import Metrics
+from proxy.settings import ConfigError, Settings
+from proxy.store import BlobStore
+from proxy.upstream import UpstreamClient
+
+from .config import SyncConfig, load_sync_config
+from .endpoints import Endpoints
+from .worker import EntryResult, Worker
+
+__all__ = ["once", "open_cache", "summary"]
+
+Print = Callable[[str], None]
+
+
+@asynccontextmanager
+async def open_cache(settings: Settings, metrics: Metrics) -> AsyncIterator[Cache]:
+    """The cache of the data directory, for a command that runs beside (or without) the
+    server; SQLite in WAL mode lets both use the database."""
+    store = BlobStore(settings.storage_root)
+    metadata = Metadata(store.root / "metadata.db")
+    await metadata.open()
+    upstreams = {
+        name: UpstreamClient(
+            upstream,
+            connect_timeout=settings.upstream_connect_timeout,
+            read_timeout=settings.upstream_read_timeout,
+            metrics=metrics,
+        )
+        for name, upstream in settings.upstreams.items()
+    }
+    cache = Cache(settings, store, metadata, upstreams, metrics)
+    try:
+        yield cache
+    finally:
+        await cache.close()
+        for client in upstreams.values():
+            await client.close()
+        await metadata.close()
+
+
+def summary(results: list[EntryResult]) -> list[str]:
+    """The table `sync once` prints, then every plan and error."""
+    header = ("ENTRY", "CHECKED", "COPIED", "SKIPPED", "FAILED", "BYTES")
+    rows = [
+        (
+            r.entry,
+            str(r.checked),
+            str(r.copied),
+            str(r.skipped),
+            str(r.failed),
+            humanfriendly.format_size(r.bytes, binary=True),
+        )
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in [header, *rows]
+    ]
+    for result in results:
+        lines += [f"would {plan}" for plan in result.planned]
+        lines += [f"retired {result.entry}: {tag}" for tag in result.retired]
+        lines += [f"error {message}" for message in result.errors]
+    return lines
+
+
+async def once(
+    settings: Settings, path: Path | None, dry_run: bool, missing: bool, out: Print
+) -> int:
+    """One pass over every entry; 1 if any entry failed."""
+    if path is None:
+        raise ConfigError("no sync configuration: set sync.config (SYNC_CONFIG) or --sync-config")
+    config: SyncConfig = load_sync_config(path)
+    metrics = Metrics()
+    if any(entry.to_cache for entry in config.entries):
+        async with open_cache(settings, metrics) as cache:
+            results = await _run(settings, config, metrics, cache, dry_run, missing)
+    else:
+        results = await _run(settings, config, metrics, None, dry_run, missing)
+    for line in summary(results):
+        out(line)
+    return 0 if all(result.ok for result in results) else 1
+
+
+async def _run(
+    settings: Settings,
+    config: SyncConfig,
+    metrics: Metrics,
+    cache: Cache | None,
+    dry_run: bool,
+    missing: bool,
+) -> list[EntryResult]:
+    endpoints = Endpoints(settings, config, metrics, cache)
+    try:
+        metadata = cache.metadata if cache is not None else None
+        worker = Worker(config, endpoints, metrics, metadata, dry_run=dry_run)
+        return await worker.run_all(missing)
+    finally:
+        await endpoints.close()

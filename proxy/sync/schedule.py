@@ -1,0 +1,115 @@
+"""When an entry runs: a cron `schedule` (five fields or `@daily`...) or an `interval`.
+
+regsync registers `schedule`, else `"@every " + interval`, with robfig/cron in local time and
+skips a tick while the previous run of the same entry is still going; so does `run_on`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from croniter import croniter
+
+from proxy.settings import ConfigError, parse_duration
+
+__all__ = ["Cron", "Every", "Schedule", "parse_schedule", "run_on"]
+
+log = logging.getLogger(__name__)
+
+_DESCRIPTORS: Final = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+
+
+class Schedule(Protocol):
+    def next_after(self, moment: datetime.datetime) -> datetime.datetime: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Cron:
+    """Five cron fields, in local time."""
+
+    expression: str
+
+    def next_after(self, moment: datetime.datetime) -> datetime.datetime:
+        result: datetime.datetime = croniter(self.expression, moment).get_next(datetime.datetime)
+        return result
+
+
+@dataclass(frozen=True, slots=True)
+class Every:
+    """A fixed period from the last tick (`interval`, `@every 1h`)."""
+
+    seconds: float
+
+    def next_after(self, moment: datetime.datetime) -> datetime.datetime:
+        return moment + datetime.timedelta(seconds=self.seconds)
+
+
+def parse_schedule(schedule: object, interval: object, key: str) -> Schedule | None:
+    """`schedule` wins over `interval`; neither means the entry only runs with `sync once`."""
+    if schedule is not None:
+        if not isinstance(schedule, str) or not schedule.strip():
+            raise ConfigError(f"{key}.schedule: expected a cron expression, got {schedule!r}")
+        text = " ".join(schedule.split())
+        if text.startswith("@every "):
+            return _every(text.removeprefix("@every "), f"{key}.schedule")
+        expression = _DESCRIPTORS.get(text, text)
+        if len(expression.split()) != 5 or not croniter.is_valid(expression):
+            raise ConfigError(
+                f"{key}.schedule: expected five cron fields or @daily/@hourly/@every <duration>, "
+                f"got {schedule!r}"
+            )
+        return Cron(expression)
+    if interval is not None:
+        return _every(interval, f"{key}.interval")
+    return None
+
+
+def _every(value: object, key: str) -> Every:
+    if not isinstance(value, str | int | float):
+        raise ConfigError(f"{key}: expected a duration such as 60m, got {value!r}")
+    seconds = parse_duration(value, key)
+    if seconds <= 0:
+        raise ConfigError(f"{key}: must be longer than zero, got {value!r}")
+    return Every(seconds)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now().astimezone()
+
+
+async def run_on(
+    schedule: Schedule,
+    run: Callable[[], Awaitable[object]],
+    name: str,
+    on_skip: Callable[[], None] = lambda: None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    now: Callable[[], datetime.datetime] = _now,
+) -> None:
+    """Start `run` at every tick, unless the previous one is still going; until cancelled."""
+    running: asyncio.Task[object] | None = None
+    try:
+        while True:
+            due = schedule.next_after(now())
+            await sleep(max(0.0, (due - now()).total_seconds()))
+            if running is not None and not running.done():
+                log.info("sync %s: previous run still going, tick skipped", name)
+                on_skip()
+                continue
+            running = asyncio.ensure_future(run())
+    finally:
+        if running is not None and not running.done():
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)

@@ -1,0 +1,573 @@
+"""The sync worker: regsync's configuration and behaviour, against real registries."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy.metrics import Metrics
+from proxy.settings import ConfigError, load_settings
+from proxy.sync.config import RATE_LIMIT_RETRY_MIN, Retention, load_sync_config
+from proxy.sync.endpoints import Endpoints
+from proxy.sync.filters import SemverRange, TagFilter, Version, anchored, select
+from proxy.sync.retention import to_retire
+from proxy.sync.schedule import Cron, Every, parse_schedule
+from proxy.sync.template import Template, TemplateError
+from proxy.sync.worker import Worker
+from tests.conftest import CREDS
+from tests.support import skopeo
+from tests.support.images import Image, push, write_layout
+from tests.support.proxy import Proxy
+from tests.support.registry import Registry
+from tests.support.standin import StandIn, blob_files
+
+NOW = datetime.datetime(2026, 11, 23, 14, 5, 9).astimezone()
+WORKSHOP_BACKUP = (
+    '{{ $t := time.Now }}{{printf "bkup-%s-%d%02d%02d" .Ref.Tag $t.Year $t.Month $t.Day}}'
+)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def image(tmp_path: Path, name: str, seed: int, platforms: bool = False) -> Image:
+    return write_layout(
+        tmp_path / f"layout-{name}",
+        name,
+        [("linux", "amd64"), ("linux", "arm64")] if platforms else None,
+        [2_000, 3_000],
+        seed=seed,
+    )
+
+
+def tags(registry: Registry, repository: str) -> set[str]:
+    request = urllib.request.Request(f"{registry.url}/v2/{repository}/tags/list")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return set(json.load(response).get("tags") or [])
+    except urllib.error.HTTPError as error:
+        error.close()
+        return set()
+
+
+def digest(ref: str, creds: str | None = None) -> str:
+    return "sha256:" + hashlib.sha256(skopeo.inspect_raw(f"docker://{ref}", creds)).hexdigest()
+
+
+def sync(
+    workdir: Path,
+    cache_config: dict[str, Any],
+    sync_config: dict[str, Any] | str,
+    *args: str,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`registry-cache --config ... sync --sync-config ... <args>` as an operator runs it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "registry-cache.yml"
+    if not config.exists():
+        config.write_text(
+            yaml.safe_dump({"storage": {"root": str(workdir / "data")}, **cache_config})
+        )
+    sync_path = workdir / "sync.yml"
+    sync_path.write_text(
+        sync_config if isinstance(sync_config, str) else yaml.safe_dump(sync_config)
+    )
+    environment = {
+        k: v for k, v in os.environ.items() if not k.startswith(("REGISTRY_", "CLEANER_", "SYNC_"))
+    }
+    environment.update(env or {})
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxy.cli",
+            "--config",
+            str(config),
+            "sync",
+            "--sync-config",
+            str(sync_path),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
+        check=False,
+    )
+
+
+def plain(registry: Registry, name: str | None = None) -> dict[str, str]:
+    return {"registry": name or registry.host, "hostname": registry.host, "tls": "disabled"}
+
+
+# -- configuration, templates, filters, schedules ---------------------------------------------
+
+
+def test_template_subset_follows_go_semantics(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("  s3cret\n")
+    env = {"HUB_USER": "hubuser"}
+    data = {"Ref": {"Tag": "3", "Repository": "library/alpine", "Registry": "localhost:5000"}}
+    assert Template.parse(WORKSHOP_BACKUP).render(data, now=lambda: NOW) == "bkup-3-20261123"
+    assert Template.parse('{{env "HUB_USER"}}').render(env=env) == "hubuser"
+    assert Template.parse(f'{{{{file "{secret}"}}}}').render() == "s3cret"
+    assert Template.parse('{{file "/nonexistent"}}x').render() == "x"
+    rendered = Template.parse(
+        '{{$t := time.Now}}{{$t.Month}} {{printf "%s|%d|%5s|%-3d|" $t.Month $t.Month "a" 7}}'
+        '{{- " trimmed" -}}   {{ .Ref.Registry }}/{{.Ref.Repository}}:{{ "X" | lower }}'
+        '{{/* comment */}}{{ printf "%s" (upper "y") }}'
+    ).render(data, now=lambda: NOW)
+    assert rendered == "November November|11|    a|7  | trimmedlocalhost:5000/library/alpine:xY"
+    for bad in [
+        "{{if .X}}y{{end}}",
+        "{{ nofunc }}",
+        "{{ .Missing }}",
+        '{{printf "%d" "s"}}',
+        "{{ $u }}",
+        "{{ .Ref",
+        '{{printf "%s %s" "a"}}',
+    ]:
+        with pytest.raises(TemplateError):
+            Template.parse(bad).render(data)
+
+
+def test_tag_filters_are_anchored_and_semver_ranges_follow_masterminds() -> None:
+    tags_ = ["latest", "3", "3.13", "3.14", "3.15", "3x13", "13", "2.0.0", "1.2.0-rc.1", "edge"]
+    allow = TagFilter(allow=anchored(["latest", "3", "3.13"], "allow"))
+    assert select(tags_, [allow]) == ["3", "3.13", "3x13", "latest"]
+    deny = TagFilter(allow=anchored([r"3\..*"], "a"), deny=anchored([r"3\.15"], "d"))
+    semver = TagFilter(semver=(SemverRange.parse(">=3.14 <4", "s"), SemverRange.parse("^2", "s")))
+    assert select(tags_, [deny]) == ["3.13", "3.14"]
+    assert select(tags_, [semver]) == ["2.0.0", "3.14", "3.15"]
+    assert select(tags_, [deny, semver]) == ["2.0.0", "3.13", "3.14", "3.15"]  # tagSets: OR
+    pre = SemverRange.parse(">=1.2.0-rc.0", "s")
+    assert pre.matches(Version.parse("1.2.0-rc.1"))  # type: ignore[arg-type]
+    assert not SemverRange.parse(">=1", "s").matches(Version.parse("1.2.0-rc.1"))  # type: ignore[arg-type]
+    assert SemverRange.parse("~1.2", "s").matches(Version.parse("v1.2.9"))  # type: ignore[arg-type]
+    assert not SemverRange.parse("1.x || 3", "s").matches(Version.parse("2.5"))  # type: ignore[arg-type]
+    assert SemverRange.parse("1.2 - 1.4", "s").matches(Version.parse("1.4.7"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="semver"):
+        SemverRange.parse(">=one", "s")
+
+
+def test_schedule_and_interval_parsing() -> None:
+    monday = datetime.datetime(2026, 11, 23, 10, 5).astimezone()
+    assert parse_schedule("15 1 * * *", "1h", "s") == Cron("15 1 * * *")  # schedule wins
+    assert parse_schedule("15 1 * * *", None, "s").next_after(monday) == monday.replace(  # type: ignore[union-attr]
+        day=24, hour=1, minute=15
+    )
+    assert parse_schedule("@daily", None, "s").next_after(monday) == monday.replace(  # type: ignore[union-attr]
+        day=24, hour=0, minute=0
+    )
+    assert parse_schedule("@every 90m", None, "s") == Every(5400)
+    assert parse_schedule(None, "60m", "s") == Every(3600)
+    assert parse_schedule(None, "1h30m", "s") == Every(5400)
+    assert parse_schedule(None, None, "s") is None
+    for schedule, interval in [("* * *", None), ("61 * * * *", None), (None, "soon"), (None, "0s")]:
+        with pytest.raises(ConfigError, match="s\\."):
+            parse_schedule(schedule, interval, "s")
+
+
+def test_retention_keeps_the_newest_and_never_the_denied() -> None:
+    found = ["0.8.0", "0.9.0", "1.0.0", "1.1.0", "2.0.0", "latest"]
+    rule = Retention(keep=2, deny=anchored([r"1\.0\.0"], "deny"))
+    assert to_retire(found, rule) == ["0.8.0", "0.9.0"]
+    assert to_retire(found, Retention(keep=4, sort="name")) == ["0.8.0", "0.9.0"]
+    day = datetime.timedelta(days=1)
+    created = {"a": NOW, "b": NOW - day, "c": NOW + day, "d": None}
+    assert to_retire(list(created), Retention(keep=1, sort="date"), created) == ["b", "a"]
+
+
+def test_regsync_file_with_extensions_and_defaults_loads(tmp_path: Path) -> None:
+    path = tmp_path / "regsync.yml"
+    path.write_text(
+        """
+version: 1
+x-common: &tags {allow: ["3\\\\.\\\\d+"]}
+creds:
+  - registry: docker.io
+    user: '{{env "HUB_USER"}}'
+    pass: '{{env "HUB_PASS"}}'
+    reqPerSec: 2
+    credHelper: docker-credential-x
+defaults:
+  parallel: 3
+  interval: 6h
+  ratelimit: {min: 100, retry: 1m}
+  referrers: true
+sync:
+  - source: alpine
+    target: localhost:5000/library/alpine
+    type: repository
+    tags: *tags
+    schedule: "15 1 * * *"
+  - source: quay.io/podman/hello:latest
+    pin: true
+    platforms: [linux/amd64]
+    colour: blue
+"""
+    )
+    config = load_sync_config(path, env={"HUB_USER": "u", "HUB_PASS": "pw-secret"})
+    assert config.parallel == 3
+    assert config.creds[0].user == "u" and config.creds[0].password == "pw-secret"
+    assert "pw-secret" not in repr(config.creds[0])
+    first, second = config.entries
+    assert first.schedule == Cron("15 1 * * *") and first.tags[0].matches("3.14")
+    assert first.ratelimit.min == 100 and first.ratelimit.retry == RATE_LIMIT_RETRY_MIN
+    assert str(second.target) == "cache/quay.io/podman/hello:latest" and second.pin
+    assert second.schedule == Every(6 * 3600)
+    assert any("credHelper is not supported" in w for w in config.warnings)
+    assert any("colour is not a regsync key" in w for w in config.warnings)
+    for bad, message in [
+        ("sync: [{source: alpine, type: image}]", "needs a tag"),
+        ("sync: [{source: 'a:1', target: 'localhost:5000/a', pin: true}]", "pin"),
+        ("sync: [{source: 'a:1', target: cache/quay.io/a}]", "own repository"),
+        ("sync: [{source: a, type: repository, tags: {allow: ['(']}}]", "regular expression"),
+        ("version: 2", "version"),
+    ]:
+        path.write_text(bad)
+        with pytest.raises(ConfigError, match=message):
+            load_sync_config(path)
+
+
+# -- copies between real registries -----------------------------------------------------------
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Any:
+    with Registry(tmp_path / "target") as registry:
+        yield registry
+
+
+def test_image_and_repository_entries_copy_exactly_the_expected_tags(
+    tmp_path: Path, upstream: Registry, target: Registry
+) -> None:
+    multi = image(tmp_path, "multi", 1, platforms=True)
+    single = image(tmp_path, "single", 2)
+    for tag in ("1.0.0", "1.2.0", "2.0.0", "dev"):
+        push(single, upstream.host, "app", tag)
+    push(multi, upstream.host, "app", "1.1.0")
+    push(multi, upstream.host, "app", "latest")
+    src, dst = upstream.host, target.host
+    config = {
+        "version": 1,
+        "creds": [plain(upstream), plain(target)],
+        "defaults": {"parallel": 2},
+        "sync": [
+            {
+                "source": f"{src}/app",
+                "target": f"{dst}/filtered",
+                "type": "repository",
+                "tags": {"allow": [r"1\..*", "latest", "2"], "deny": [r"1\.0\..*"]},
+            },
+            {
+                "source": f"{src}/app",
+                "target": f"{dst}/semver",
+                "type": "repository",
+                "tags": {"semverRange": [">=1.1 <2"]},
+            },
+            {
+                "source": f"{src}/app:1.1.0",
+                "target": f"{dst}/arm:only",
+                "type": "image",
+                "platform": "linux/arm64",
+            },
+            {"source": f"{src}/app:1.1.0", "target": f"{dst}/multi", "type": "image"},
+        ],
+    }
+    check = sync(tmp_path / "c", {}, config, "check")
+    assert check.returncode == 0, check.stderr
+    assert f"would copy {src}/app:1.1.0" in check.stdout
+    assert tags(target, "filtered") == set()
+
+    done = sync(tmp_path / "c", {}, config, "once")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert tags(target, "filtered") == {"1.1.0", "1.2.0", "latest"}
+    assert tags(target, "semver") == {"1.1.0", "1.2.0"}
+    assert digest(f"{dst}/filtered:latest") == multi.digest
+    assert digest(f"{dst}/semver:1.2.0") == single.digest
+    assert digest(f"{dst}/arm:only") == multi.platform_manifests["linux/arm64"]
+    skopeo.copy(f"docker://{dst}/multi:1.1.0", f"dir:{tmp_path / 'multi'}")
+    copied = skopeo.read_dir_copy(tmp_path / "multi")
+    assert (copied.digest, copied.manifests, copied.blobs) == (
+        multi.digest,
+        multi.manifests,
+        multi.blobs,
+    )
+    assert "ENTRY" in done.stdout and "COPIED" in done.stdout
+
+    upstream.clear_requests()
+    again = sync(tmp_path / "c", {}, config, "once")
+    assert again.returncode == 0, again.stderr
+    requests = upstream.requests()
+    assert not [r for r in requests if "/blobs/" in r[1]]
+    manifest_gets = {path for method, path in requests if method == "GET" and "/manifests/" in path}
+    # Only `platform` resolves the index again, as regsync does.
+    assert manifest_gets <= {f"/v2/app/manifests/{multi.digest}"}
+    assert {m for m, p in requests if "/manifests/" in p} <= {"HEAD", "GET"}
+    assert " 0  " in again.stdout.splitlines()[1]
+
+
+def test_moved_source_tag_is_copied_again_and_the_old_one_kept_as_backup(
+    tmp_path: Path, upstream: Registry, target: Registry
+) -> None:
+    old, new = image(tmp_path, "old", 3), image(tmp_path, "new", 4)
+    push(old, upstream.host, "app", "stable")
+    config = {
+        "creds": [plain(upstream), plain(target)],
+        "defaults": {"backup": "bak-{{.Ref.Tag}}"},
+        "sync": [{"source": f"{upstream.host}/app:stable", "target": f"{target.host}/app"}],
+    }
+    assert sync(tmp_path / "c", {}, config, "once").returncode == 0
+    assert digest(f"{target.host}/app:stable") == old.digest
+    push(new, upstream.host, "app", "stable")
+    moved = sync(tmp_path / "c", {}, config, "once")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert digest(f"{target.host}/app:stable") == new.digest
+    assert digest(f"{target.host}/app:bak-stable") == old.digest
+
+
+def test_wrong_password_fails_only_its_entry(
+    tmp_path: Path, basic_upstream: Registry, target: Registry
+) -> None:
+    pushed = image(tmp_path, "private", 5)
+    push(pushed, basic_upstream.host, "app", "v1", creds=CREDS)
+    token = tmp_path / "token"
+    token.write_text("wonderland\n")
+    config = {
+        "creds": [
+            {
+                **plain(basic_upstream, "good.example"),
+                "user": '{{env "SRC_USER"}}',
+                "pass": f'{{{{file "{token}"}}}}',
+            },
+            {**plain(basic_upstream, "bad.example"), "user": "alice", "pass": "not-it"},
+            plain(target),
+        ],
+        "sync": [
+            {"source": "good.example/app:v1", "target": f"{target.host}/good:v1"},
+            {"source": "bad.example/app:v1", "target": f"{target.host}/bad:v1"},
+        ],
+    }
+    result = sync(tmp_path / "c", {}, config, "once", env={"SRC_USER": "alice"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "good.example/app:v1" not in result.stdout.split("error", 1)[-1], result.stdout
+    assert digest(f"{target.host}/good:v1") == pushed.digest
+    assert tags(target, "bad") == set()
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error")]
+    assert len(errors) == 1
+    assert "bad.example/app:v1" in errors[0] and "401" in errors[0]
+    assert "not-it" not in result.stdout + result.stderr
+    assert "wonderland" not in result.stdout + result.stderr
+
+
+async def test_rate_limit_waits_without_a_slot_and_is_counted(
+    tmp_path: Path, target: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    served = image(tmp_path, "limited", 6)
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    with StandIn(served, "lim/app") as standin:
+        # The check's HEAD sees 0; the gate re-checks: 0, then 5 (< min 10), then plenty.
+        standin.rate_limits = [0, 0, 5, 100]
+        host = f"127.0.0.1:{standin.port}"
+        path = tmp_path / "sync.yml"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "creds": [{"registry": host, "tls": "disabled"}, plain(target)],
+                    "defaults": {"ratelimit": {"min": 10, "retry": "15m"}},
+                    "sync": [
+                        {"source": f"{host}/lim/app:limited", "target": f"{target.host}/lim:v1"}
+                    ],
+                }
+            )
+        )
+        config = load_sync_config(path)
+        metrics = Metrics()
+        endpoints = Endpoints(load_settings(None, env={}), config, metrics, None)
+        caplog.set_level(logging.INFO, "registry_cache.sync")
+        try:
+            [result] = await Worker(config, endpoints, metrics, sleep=sleep).run_all()
+        finally:
+            await endpoints.close()
+        heads = standin.requests[("HEAD", "/v2/lim/app/manifests/limited")]
+    assert result.ok and result.copied == 1, result.errors
+    assert waits == [900.0, 900.0]
+    assert heads == 4
+    assert (
+        metrics.registry.get_sample_value(
+            "registry_cache_sync_ratelimit_waits_total", {"registry": host}
+        )
+        == 2
+    )
+    logged = [
+        json.loads(r.getMessage()) for r in caplog.records if "ratelimit_wait" in r.getMessage()
+    ]
+    assert [(e["remaining"], e["min"], e["wait_seconds"]) for e in logged] == [
+        (0, 10, 900.0),
+        (5, 10, 900.0),
+    ]
+    assert digest(f"{target.host}/lim:v1") == served.digest
+
+
+def test_retention_dry_run_shows_and_real_run_deletes_only_the_tags(
+    tmp_path: Path, upstream: Registry, target: Registry
+) -> None:
+    release = image(tmp_path, "release", 7)
+    for tag in ("1.0.0", "1.1.0", "2.0.0"):
+        push(release, upstream.host, "rel", tag)
+    for tag in ("0.8.0", "0.9.0"):
+        push(release, target.host, "rel", tag)  # the same image: only tags may go
+    config = {
+        "creds": [plain(upstream), plain(target)],
+        "sync": [
+            {
+                "source": f"{upstream.host}/rel",
+                "target": f"{target.host}/rel",
+                "type": "repository",
+                "tags": {"semverRange": [">=0"]},
+                "retention": {"keep": 2, "sort": "semver", "deny": [r"1\.0\.0"]},
+            }
+        ],
+    }
+    dry = sync(tmp_path / "c", {}, config, "once", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"would delete {target.host}/rel:0.8.0" in dry.stdout
+    assert f"would delete {target.host}/rel:0.9.0" in dry.stdout
+    assert tags(target, "rel") == {"0.8.0", "0.9.0"}
+
+    real = sync(tmp_path / "c", {}, config, "once")
+    assert real.returncode == 0, real.stdout + real.stderr
+    assert tags(target, "rel") == {"1.0.0", "1.1.0", "2.0.0"}
+    assert digest(f"{target.host}/rel:2.0.0") == release.digest
+
+
+def test_sync_into_the_cache_pins_against_the_cleaner(tmp_path: Path, upstream: Registry) -> None:
+    wanted = image(tmp_path, "wanted", 8, platforms=True)
+    other = image(tmp_path, "other", 9)
+    push(wanted, upstream.host, "app", "v1")
+    push(other, upstream.host, "other", "v1")
+    proxy = Proxy(
+        tmp_path / "proxy",
+        {
+            "upstreams": [{"name": "test.local", "url": upstream.url}],
+            "default_upstream": "test.local",
+            "cleaner": {"maxsize": "1K", "threshold_percentage": 0},
+        },
+    )
+    proxy.config_path.write_text(yaml.safe_dump(proxy.config))
+    config = {
+        "sync": [
+            {
+                "source": "test.local/app",
+                "type": "repository",
+                "pin": True,
+                "tags": {"allow": ["v1"]},
+                "platforms": ["linux/amd64"],
+            }
+        ]
+    }
+    result = sync(proxy.workdir, {}, config, "once")
+    assert result.returncode == 0, result.stdout + result.stderr
+    amd64 = wanted.platform_manifests["linux/amd64"]
+    arm64_layers = set(wanted.layers) - set(
+        json.dumps(json.loads(wanted.manifests[amd64])).split('"')
+    )
+    held = blob_files(proxy.data)
+    assert amd64.removeprefix("sha256:") in held
+    assert not {layer.removeprefix("sha256:") for layer in arm64_layers} & held
+
+    with proxy:
+        skopeo.copy(f"docker://{proxy.host}/test.local/other:v1", f"dir:{tmp_path / 'other'}")
+        upstream.stop()
+        cleaned = proxy.admin("clean")
+        assert cleaned.returncode == 0, cleaned.stderr
+        assert "evicted" in cleaned.stdout
+        skopeo.copy(
+            f"docker://{proxy.host}/test.local/app:v1",
+            f"dir:{tmp_path / 'pulled'}",
+            all=False,
+            extra=["--override-os", "linux", "--override-arch", "amd64"],
+        )
+        pulled = skopeo.read_dir_copy(tmp_path / "pulled")
+        assert pulled.digest == amd64
+        evicted = skopeo.copy(
+            f"docker://{proxy.host}/test.local/other:v1", f"dir:{tmp_path / 'gone'}", check=False
+        )
+        assert evicted.returncode != 0
+
+
+def test_regsync_workshop_file_runs_against_local_registries(
+    tmp_path: Path, basic_upstream: Registry, target: Registry
+) -> None:
+    busybox, alpine, alpine3 = (
+        image(tmp_path, n, s) for n, s in [("bb", 10), ("al", 11), ("a3", 12)]
+    )
+    push(busybox, basic_upstream.host, "library/busybox", "latest", creds=CREDS)
+    for tag in ("latest", "3.13", "3.14", "3.15", "edge"):
+        push(alpine, basic_upstream.host, "library/alpine", tag, creds=CREDS)
+    push(alpine3, basic_upstream.host, "library/alpine", "3", creds=CREDS)
+    hub_token = tmp_path / "hub_token"
+    hub_token.write_text("wonderland\n")
+    local = target.host
+    regsync_yml = f"""\
+version: 1
+creds:
+  - registry: {local}
+    tls: disabled
+  - registry: docker.io
+    user: "{{{{env \\"HUB_USER\\"}}}}"
+    pass: "{{{{file \\"{hub_token}\\"}}}}"
+defaults:
+  ratelimit:
+    min: 60
+    retry: 15m
+  parallel: 2
+  interval: 60m
+  backup: {json.dumps(WORKSHOP_BACKUP)}
+sync:
+  - source: busybox:latest
+    target: {local}/library/busybox:latest
+    type: image
+  - source: alpine
+    target: {local}/library/alpine
+    type: repository
+    tags:
+      allow:
+      - "latest"
+      - "3"
+      - "3.13"
+      - "3.14"
+"""
+    cache = {"upstreams": [{"name": "docker.io", "url": basic_upstream.url}]}
+    env = {"HUB_USER": "alice"}
+    first = sync(tmp_path / "c", cache, regsync_yml, "once", env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert tags(target, "library/alpine") == {"latest", "3", "3.13", "3.14"}
+    assert digest(f"{local}/library/alpine:3") == alpine3.digest
+    assert digest(f"{local}/library/busybox:latest") == busybox.digest
+
+    push(alpine, basic_upstream.host, "library/alpine", "3", creds=CREDS)
+    days = {datetime.date.today()}
+    second = sync(tmp_path / "c", cache, regsync_yml, "once", env=env)
+    days.add(datetime.date.today())
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert digest(f"{local}/library/alpine:3") == alpine.digest
+    backups = tags(target, "library/alpine") - {"latest", "3", "3.13", "3.14"}
+    assert len(backups) == 1 and backups <= {f"bkup-3-{d:%Y%m%d}" for d in days}
+    assert digest(f"{local}/library/alpine:{backups.pop()}") == alpine3.digest
