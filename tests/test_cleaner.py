@@ -8,13 +8,14 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from proxy.settings import ConfigError, load_settings
+from tests.conftest import StartProxy
 from tests.support import skopeo
 from tests.support.images import Image, push, write_layout
 from tests.support.proxy import Proxy
@@ -24,22 +25,12 @@ from tests.support.standin import blob_files
 MiB = 1024 * 1024
 
 
-@pytest.fixture
-def make_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
-    started: list[Proxy] = []
-
-    def make(registry: Registry, env: dict[str, str], start: bool = True) -> Proxy:
-        config: dict[str, Any] = {
-            "upstreams": [{"name": "test.local", "url": registry.url}],
-            "default_upstream": "test.local",
-        }
-        proxy = Proxy(tmp_path / f"proxy{len(started)}", config, env)
-        started.append(proxy)
-        return proxy.start() if start else proxy
-
-    yield make
-    for proxy in started:
-        proxy.stop()
+def cache_for(start_proxy: StartProxy, registry: Registry, env: dict[str, str]) -> Proxy:
+    config: dict[str, Any] = {
+        "upstreams": [{"name": "test.local", "url": registry.url}],
+        "default_upstream": "test.local",
+    }
+    return start_proxy(config, env)
 
 
 def images(tmp_path: Path, registry: Registry, count: int, layer: int) -> list[Image]:
@@ -70,11 +61,11 @@ def held(image: Image, data: Path) -> bool:
 
 
 def test_lru_eviction_keeps_the_recently_used_image(
-    tmp_path: Path, upstream: Registry, make_proxy: Callable[..., Proxy]
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
     a, b, c = images(tmp_path, upstream, 3, MiB)
     env = {"CLEANER_MAXSIZE": "2.5M", "CLEANER_THRESHOLD_PERCENTAGE": "20"}
-    proxy = make_proxy(upstream, env)
+    proxy = cache_for(start_proxy, upstream, env)
     pull(proxy, 0, tmp_path / "a1")
     pull(proxy, 1, tmp_path / "b1")
     pull(proxy, 0, tmp_path / "a2")  # A is used again: B is now the least recently used
@@ -98,10 +89,12 @@ def test_lru_eviction_keeps_the_recently_used_image(
 
 
 def test_threshold_and_clean_command(
-    tmp_path: Path, upstream: Registry, make_proxy: Callable[..., Proxy]
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
     images(tmp_path, upstream, 3, MiB)
-    proxy = make_proxy(upstream, {"CLEANER_MAXSIZE": "2M", "CLEANER_THRESHOLD_PERCENTAGE": "100"})
+    proxy = cache_for(
+        start_proxy, upstream, {"CLEANER_MAXSIZE": "2M", "CLEANER_THRESHOLD_PERCENTAGE": "100"}
+    )
     for index in range(3):
         pull(proxy, index, tmp_path / f"p{index}")
     proxy.stop()
@@ -122,10 +115,10 @@ def test_threshold_and_clean_command(
 
 
 def test_eviction_racing_a_reader_never_gives_a_short_200(
-    tmp_path: Path, upstream: Registry, make_proxy: Callable[..., Proxy]
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
     (big,) = images(tmp_path, upstream, 1, 32 * MiB)
-    proxy = make_proxy(upstream, {"CLEANER_MAXSIZE": "1G"})
+    proxy = cache_for(start_proxy, upstream, {"CLEANER_MAXSIZE": "1G"})
     pull(proxy, 0, tmp_path / "warm")
     layer = big.layers[0]
 
@@ -148,10 +141,10 @@ def test_eviction_racing_a_reader_never_gives_a_short_200(
 
 
 def test_restart_reconciles_disk_and_database(
-    tmp_path: Path, upstream: Registry, make_proxy: Callable[..., Proxy]
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
     first, _ = images(tmp_path, upstream, 2, 200_000)
-    proxy = make_proxy(upstream, {})
+    proxy = cache_for(start_proxy, upstream, {})
     pull(proxy, 0, tmp_path / "p0")
     pull(proxy, 1, tmp_path / "p1")
     proxy.stop()
@@ -185,10 +178,10 @@ def test_restart_reconciles_disk_and_database(
 
 
 def test_metrics_count_miss_then_hit_and_bytes(
-    tmp_path: Path, upstream: Registry, make_proxy: Callable[..., Proxy]
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
     (image,) = images(tmp_path, upstream, 1, 300_000)
-    proxy = make_proxy(upstream, {})
+    proxy = cache_for(start_proxy, upstream, {})
     layer = image.layers[0]
     size = image.blobs[layer]
 
@@ -205,10 +198,10 @@ def test_metrics_count_miss_then_hit_and_bytes(
 
 
 def test_verify_finds_and_repairs_corruption(
-    tmp_path: Path, upstream: Registry, make_proxy: Callable[..., Proxy]
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
     (image,) = images(tmp_path, upstream, 1, 100_000)
-    proxy = make_proxy(upstream, {})
+    proxy = cache_for(start_proxy, upstream, {})
     pull(proxy, 0, tmp_path / "p")
     proxy.stop()
     layer = image.layers[0].removeprefix("sha256:")

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import CREDS
+from tests.conftest import CREDS, StartProxy
 from tests.support import skopeo
 from tests.support.images import Image, push, write_layout
-from tests.support.proxy import Proxy
 from tests.support.registry import Registry
 from tests.support.standin import StandIn, blob_files
 
-MakeProxy = Callable[..., Proxy]
 ACCEPT_ALL = ", ".join(
     [
         "application/vnd.oci.image.index.v1+json",
@@ -26,21 +23,6 @@ ACCEPT_ALL = ", ".join(
         "application/vnd.docker.distribution.manifest.v2+json",
     ]
 )
-
-
-@pytest.fixture
-def make_proxy(tmp_path: Path) -> Iterator[MakeProxy]:
-    """Start registry-cache servers with the given config; all are stopped at the end."""
-    started: list[Proxy] = []
-
-    def make(config: dict[str, Any], env: dict[str, str] | None = None) -> Proxy:
-        proxy = Proxy(tmp_path / f"proxy{len(started)}", config, env)
-        started.append(proxy)
-        return proxy.start()
-
-    yield make
-    for proxy in started:
-        proxy.stop()
 
 
 def one_upstream(
@@ -56,7 +38,7 @@ def assert_same_image(copied: skopeo.DirCopy, image: Image) -> None:
 
 
 def test_multi_platform_copy_is_identical_and_served_offline(
-    tmp_path: Path, upstream: Registry, make_proxy: MakeProxy
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
     image = write_layout(
         tmp_path / "layout",
@@ -66,7 +48,7 @@ def test_multi_platform_copy_is_identical_and_served_offline(
         seed=1,
     )
     push(image, upstream.host, "podman/hello")
-    proxy = make_proxy(one_upstream(upstream))
+    proxy = start_proxy(one_upstream(upstream))
     ref = f"docker://{proxy.host}/test.local/podman/hello:v1"
 
     skopeo.copy(ref, f"dir:{tmp_path / 'first'}")
@@ -82,12 +64,12 @@ def test_multi_platform_copy_is_identical_and_served_offline(
 
 
 def test_concurrent_cold_pulls_fetch_each_blob_once(
-    tmp_path: Path, upstream: Registry, make_proxy: MakeProxy
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
     image = write_layout(tmp_path / "layout", "big", None, [64 * 1024 * 1024, 100_000], seed=2)
     push(image, upstream.host, "big/image")
     upstream.clear_requests()
-    proxy = make_proxy(one_upstream(upstream))
+    proxy = start_proxy(one_upstream(upstream))
 
     clients = [
         subprocess.Popen(
@@ -116,12 +98,12 @@ def test_concurrent_cold_pulls_fetch_each_blob_once(
 
 
 def test_moved_tag_follows_ttl_and_revalidates_with_head(
-    tmp_path: Path, upstream: Registry, make_proxy: MakeProxy
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
     old = write_layout(tmp_path / "old", "t", None, [10_000], seed=3)
     new = write_layout(tmp_path / "new", "t", None, [10_000], seed=4)
     push(old, upstream.host, "moving/repo")
-    proxy = make_proxy(
+    proxy = start_proxy(
         {
             "upstreams": [
                 {"name": "fresh.local", "url": upstream.url, "manifest_ttl": 0},
@@ -156,13 +138,13 @@ def test_authenticated_upstreams(
     tmp_path: Path,
     kind: str,
     request: pytest.FixtureRequest,
-    make_proxy: MakeProxy,
+    start_proxy: StartProxy,
 ) -> None:
     registry: Registry = request.getfixturevalue(f"{kind}_upstream")
     image = write_layout(tmp_path / "layout", "v1", None, [50_000, 60_000], seed=5)
     push(image, registry.host, "private/app", creds=CREDS)
-    good = make_proxy(one_upstream(registry, username="alice", password="wonderland"))
-    bad = make_proxy(one_upstream(registry, username="alice", password="wrong-password"))
+    good = start_proxy(one_upstream(registry, username="alice", password="wonderland"))
+    bad = start_proxy(one_upstream(registry, username="alice", password="wrong-password"))
 
     skopeo.copy(f"docker://{good.host}/test.local/private/app:v1", f"dir:{tmp_path / 'good'}")
     assert_same_image(skopeo.read_dir_copy(tmp_path / "good"), image)
@@ -189,13 +171,13 @@ def test_authenticated_upstreams(
 
 
 def test_corrupt_upstream_bytes_never_enter_the_cache(
-    tmp_path: Path, make_proxy: MakeProxy
+    tmp_path: Path, start_proxy: StartProxy
 ) -> None:
     image = write_layout(tmp_path / "layout", "v1", None, [3_000_000], seed=6)
     layer = image.layers[0]
     with StandIn(image, "corrupt/app") as standin:
         standin.corrupt.add(layer)
-        proxy = make_proxy(one_upstream(standin))
+        proxy = start_proxy(one_upstream(standin))
         ref = f"docker://{proxy.host}/test.local/corrupt/app:v1"
 
         failed = skopeo.copy(ref, f"dir:{tmp_path / 'bad'}", check=False, timeout=60)
@@ -233,13 +215,13 @@ def test_corrupt_upstream_bytes_never_enter_the_cache(
 def test_bad_input_gets_oci_errors_and_goes_nowhere(
     tmp_path: Path,
     upstream: Registry,
-    make_proxy: MakeProxy,
+    start_proxy: StartProxy,
     method: str,
     path: str,
     status: int,
     code: str,
 ) -> None:
-    proxy = make_proxy(one_upstream(upstream))
+    proxy = start_proxy(one_upstream(upstream))
     upstream.clear_requests()
     before = sorted(str(p) for p in tmp_path.rglob("*"))
 
@@ -255,13 +237,13 @@ def test_bad_input_gets_oci_errors_and_goes_nowhere(
 
 
 def test_docker_hub_mirror_mode_and_containerd_ns(
-    tmp_path: Path, upstream: Registry, basic_upstream: Registry, make_proxy: MakeProxy
+    tmp_path: Path, upstream: Registry, basic_upstream: Registry, start_proxy: StartProxy
 ) -> None:
     alpine = write_layout(tmp_path / "alpine", "latest", None, [20_000], seed=7)
     hello = write_layout(tmp_path / "hello", "latest", None, [20_000], seed=8)
     push(alpine, upstream.host, "library/alpine")
     push(hello, basic_upstream.host, "podman/hello", creds=CREDS)
-    proxy = make_proxy(
+    proxy = start_proxy(
         {
             "upstreams": [
                 {"name": "docker.io", "url": upstream.url},
@@ -300,13 +282,13 @@ def test_docker_hub_mirror_mode_and_containerd_ns(
 
 
 def test_manifest_head_and_blob_range_and_listings(
-    tmp_path: Path, upstream: Registry, make_proxy: MakeProxy
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
     image = write_layout(tmp_path / "layout", "v1", None, [1_000_000], seed=9)
     push(image, upstream.host, "lists/app")
     for tag in ("v2", "v3"):
         push(image, upstream.host, "lists/app", tag=tag)
-    proxy = make_proxy(one_upstream(upstream))
+    proxy = start_proxy(one_upstream(upstream))
     base = "/v2/test.local/lists/app"
 
     status, head, body = proxy.get(f"{base}/manifests/v1", {"Accept": ACCEPT_ALL}, method="HEAD")
@@ -342,14 +324,14 @@ def test_manifest_head_and_blob_range_and_listings(
 
 
 def test_podman_pulls_by_name_and_as_docker_hub_mirror(
-    tmp_path: Path, upstream: Registry, make_proxy: MakeProxy
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
     from tests.support.podman import Podman
 
     image = write_layout(tmp_path / "layout", "latest", None, [200_000], seed=10)
     push(image, upstream.host, "podman/hello")
     push(image, upstream.host, "library/busybox")
-    proxy = make_proxy(
+    proxy = start_proxy(
         {
             "upstreams": [
                 {"name": "docker.io", "url": upstream.url},

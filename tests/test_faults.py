@@ -1,0 +1,308 @@
+"""Faults: cut and stalled transfers, error answers, token expiry, crashes, a full disk, and
+clients that leave. Nothing may be lost, nothing partial may be served as complete."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import CREDS, StartProxy
+from tests.support import skopeo
+from tests.support.faulty import FaultyUpstream
+from tests.support.images import Image, push, write_layout
+from tests.support.proxy import Proxy
+from tests.support.registry import Registry
+from tests.support.standin import blob_files
+from tests.support.tokenserver import TokenServer
+
+MiB = 1024 * 1024
+
+
+def config_for(url: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "upstreams": [{"name": "test.local", "url": url, **extra}],
+        "default_upstream": "test.local",
+    }
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll for something another process brings about, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def fetch(proxy: Proxy, path: str, timeout: float = 60) -> tuple[int, bytes]:
+    """A GET that reports a cut transfer as an exception instead of a short body."""
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def blob_path(image: Image, digest: str) -> str:
+    return f"/v2/test.local/faulty/app/blobs/{digest}"
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Image:
+    return write_layout(tmp_path / "layout", "v1", None, [4 * MiB], seed=50)
+
+
+@pytest.fixture
+def faulty(image: Image) -> Iterator[FaultyUpstream]:
+    stand_in = FaultyUpstream(image, "faulty/app")
+    with stand_in:
+        yield stand_in
+
+
+def test_cut_transfer_fails_the_client_and_the_next_one_resumes(
+    image: Image, faulty: FaultyUpstream, start_proxy: StartProxy
+) -> None:
+    layer = image.layers[0]
+    faulty.cut_after[layer] = MiB + 123
+    proxy = start_proxy(config_for(faulty.url))
+
+    with pytest.raises(http.client.IncompleteRead):
+        fetch(proxy, blob_path(image, layer))
+    assert layer.removeprefix("sha256:") not in blob_files(proxy.data)
+
+    status, body = fetch(proxy, blob_path(image, layer))
+    assert status == 200
+    assert hashlib.sha256(body).hexdigest() == layer.removeprefix("sha256:")
+    assert faulty.ranges == [f"bytes={MiB + 123}-"]
+    # The store commit follows the last byte sent to the client.
+    wait_for(lambda: layer.removeprefix("sha256:") in blob_files(proxy.data), "the blob to land")
+    assert list((proxy.data / "tmp").iterdir()) == []
+
+
+def open_descriptors(proxy: Proxy) -> int:
+    assert proxy.pid is not None
+    return len(os.listdir(f"/proc/{proxy.pid}/fd"))
+
+
+def test_stalled_upstream_fails_waiting_clients_and_leaves_nothing_behind(
+    image: Image, faulty: FaultyUpstream, start_proxy: StartProxy
+) -> None:
+    layer = image.layers[0]
+    faulty.stall_after[layer] = 0
+    proxy = start_proxy({**config_for(faulty.url), "upstream_timeouts": {"read": "1s"}})
+    fetch(proxy, "/v2/")
+    baseline = open_descriptors(proxy)
+
+    for _ in range(2):
+        # The read timeout is 1 s (plus retries); a client that waits 30 s would see a hang.
+        with pytest.raises((http.client.IncompleteRead, ConnectionError)):
+            fetch(proxy, blob_path(image, layer), timeout=30)
+
+    wait_for(lambda: proxy.metric("inflight_downloads") == 0, "the download to be dropped")
+    assert list((proxy.data / "tmp").iterdir()) == []
+    assert open_descriptors(proxy) <= baseline
+
+
+@pytest.mark.parametrize(
+    ("statuses", "client_status", "upstream_calls"),
+    [
+        ([503], 200, 2),  # retried, then served
+        ([502, 504], 200, 3),
+        ([503, 503, 503], 503, 3),  # retries exhausted
+        ([500], 503, 1),  # not retried: a 500 is no passing fault
+        ([429], 429, 1),
+    ],
+)
+def test_upstream_error_statuses(
+    image: Image,
+    faulty: FaultyUpstream,
+    start_proxy: StartProxy,
+    statuses: list[int],
+    client_status: int,
+    upstream_calls: int,
+) -> None:
+    proxy = start_proxy(config_for(faulty.url))
+    faulty.statuses.extend(statuses)
+    path = f"/v2/test.local/faulty/app/manifests/{image.digest}"
+
+    status, headers, body = proxy.get(path)
+
+    assert status == client_status
+    assert faulty.requests[("GET", f"/v2/faulty/app/manifests/{image.digest}")] == upstream_calls
+    if status == 429:
+        assert headers["Retry-After"] == "7"
+        assert json.loads(body)["errors"][0]["code"] == "TOOMANYREQUESTS"
+    elif status == 503:
+        assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+
+
+def test_stale_tag_served_while_upstream_errs(
+    image: Image, faulty: FaultyUpstream, start_proxy: StartProxy
+) -> None:
+    proxy = start_proxy(config_for(faulty.url, manifest_ttl=0))
+    path = "/v2/test.local/faulty/app/manifests/v1"
+    assert proxy.get(path)[0] == 200
+    faulty.statuses.extend([503, 503, 503, 500])
+
+    status, headers, body = proxy.get(path)
+    assert (status, headers["Docker-Content-Digest"], body) == (200, image.digest, image.raw)
+    status, _, body = proxy.get(path)
+    assert (status, body) == (200, image.raw)
+    assert "serving cached content" in proxy.log()
+
+
+def test_redirect_to_a_failing_blob_store(
+    image: Image, faulty: FaultyUpstream, start_proxy: StartProxy
+) -> None:
+    storage = FaultyUpstream(image, "faulty/app")
+    with storage:
+        storage.statuses.extend([500])
+        faulty.blob_redirect = storage.url
+        proxy = start_proxy(config_for(faulty.url))
+        status, _, body = proxy.get(blob_path(image, image.layers[0]))
+    assert status == 503
+    assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+    assert storage.requests[("GET", f"/v2/faulty/app/blobs/{image.layers[0]}")] == 1
+
+
+def test_token_refused_after_expiry_is_fetched_again(
+    tmp_path: Path,
+    token_server: TokenServer,
+    token_upstream: Registry,
+    start_proxy: StartProxy,
+) -> None:
+    first = write_layout(tmp_path / "a", "v1", None, [10_000], seed=51)
+    second = write_layout(tmp_path / "b", "v2", None, [10_000], seed=52)
+    push(first, token_upstream.host, "private/app", creds=CREDS)
+    push(second, token_upstream.host, "private/app", creds=CREDS)
+    # Tokens claim 300 s but really expire at once; distribution allows 60 s of clock skew,
+    # so they are honoured for 2 s. The cache will hold one past its expiry.
+    token_server.expires_in = -58
+    token_server.claimed_expires_in = 300
+    proxy = start_proxy(config_for(token_upstream.url, username="alice", password="wonderland"))
+    base = "/v2/test.local/private/app/manifests"
+    assert proxy.get(f"{base}/v1")[0] == 200
+    issued = token_server.issued
+
+    token = token_server.issue("alice", ["repository:private/app:pull"])
+
+    def refused() -> bool:
+        request = urllib.request.Request(
+            f"{token_upstream.url}/v2/private/app/tags/list",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        try:
+            urllib.request.urlopen(request, timeout=5).close()
+        except urllib.error.HTTPError as error:
+            error.close()
+            return error.code == 401
+        return False
+
+    wait_for(refused, "a token of this age to be refused")
+    status, headers, _ = proxy.get(f"{base}/v2")
+    assert (status, headers["Docker-Content-Digest"]) == (200, second.digest)
+    assert token_server.issued > issued
+
+
+def test_kill_9_during_downloads_then_restart(
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
+) -> None:
+    image = write_layout(tmp_path / "big", "v1", None, [8 * MiB] * 10, seed=53)
+    push(image, upstream.host, "many/layers")
+    proxy = start_proxy(config_for(upstream.url))
+    connections = []
+    for layer in image.layers:
+        connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+        connection.request("GET", f"/v2/test.local/many/layers/blobs/{layer}")
+        response = connection.getresponse()
+        assert response.status == 200
+        response.read(64 * 1024)  # the download is under way
+        connections.append((connection, response))
+
+    proxy.kill()
+    for connection, response in connections:
+        with pytest.raises((http.client.IncompleteRead, ConnectionError)):
+            response.read()
+        connection.close()
+
+    proxy.start()
+    assert list((proxy.data / "tmp").iterdir()) == []
+    for path in (proxy.data / "blobs").rglob("*"):
+        if path.is_file():
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name
+    skopeo.copy(f"docker://{proxy.host}/test.local/many/layers:v1", f"dir:{tmp_path / 'out'}")
+    assert skopeo.read_dir_copy(tmp_path / "out").blobs == image.blobs
+    proxy.stop()
+    verified = proxy.admin("verify")
+    assert verified.returncode == 0 and "0 corrupt" in verified.stdout
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs: a disk that really fills up."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_streams_without_caching_and_the_cleaner_makes_room(
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy, small_disk: Path
+) -> None:
+    image = write_layout(tmp_path / "big", "v1", None, [9 * MiB, 9 * MiB, 9 * MiB], seed=54)
+    push(image, upstream.host, "big/app")
+    proxy = start_proxy({**config_for(upstream.url), "storage": {"root": str(small_disk)}})
+    ref = f"docker://{proxy.host}/test.local/big/app:v1"
+
+    first = skopeo.copy(ref, f"dir:{tmp_path / 'first'}", check=False)
+    # The third layer does not fit: that transfer is cut, never completed with bad bytes.
+    assert first.returncode != 0
+    status, _, body = proxy.get("/readyz")
+    assert status == 503 and b"disk is full" in body
+
+    skopeo.copy(ref, f"dir:{tmp_path / 'second'}")
+    assert skopeo.read_dir_copy(tmp_path / "second").blobs == image.blobs
+    wait_for(lambda: proxy.metric("evicted_items_total") > 0, "the cleaner to make room")
+    proxy.stop()
+    verified = proxy.admin("verify")
+    assert verified.returncode == 0 and "0 corrupt" in verified.stdout
+
+
+def test_client_leaving_halfway_does_not_stop_the_download(
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
+) -> None:
+    image = write_layout(tmp_path / "big", "v1", None, [24 * MiB], seed=55)
+    push(image, upstream.host, "left/app")
+    proxy = start_proxy(config_for(upstream.url))
+    layer = image.layers[0]
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+    connection.request("GET", f"/v2/test.local/left/app/blobs/{layer}")
+    response = connection.getresponse()
+    response.read(MiB)
+    connection.close()
+
+    wait_for(lambda: layer.removeprefix("sha256:") in blob_files(proxy.data), "the blob to land")
+    assert upstream.blob_gets(layer) == 1
+    status, body = fetch(proxy, f"/v2/test.local/left/app/blobs/{layer}")
+    assert status == 200 and hashlib.sha256(body).hexdigest() == layer.removeprefix("sha256:")
