@@ -125,6 +125,16 @@ def test_podman_login_then_pull_over_tls(
         podman.run(["login", *trust, "-u", "alice", "-p", "wonderland", proxy.host])
         podman.run(["pull", *trust, ref])
         assert podman.image_digest(ref) == image.digest
+
+        # deploy/README.md's registries.conf: the cache as the mirror of a registry, over TLS,
+        # with the login above.
+        registries = tmp_path / "registries.conf"
+        registries.write_text(
+            '[[registry]]\nlocation = "test.local"\n'
+            f'[[registry.mirror]]\nlocation = "{proxy.host}/test.local"\n'
+        )
+        podman.run(["pull", *trust, "test.local/podman/hello:latest"], registries_conf=registries)
+        assert podman.image_digest("test.local/podman/hello:latest") == image.digest
     assert proxy.host in json.loads(authfile.read_text())["auths"]
 
 
