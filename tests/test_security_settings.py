@@ -1,0 +1,76 @@
+"""Settings for tls, auth and http: from the file or distribution's variables; bad ones named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy.settings import AuthSettings, ConfigError, TlsSettings, load_settings
+
+
+def _load(tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None) -> Any:
+    path = tmp_path / "registry-cache.yml"
+    path.write_text(yaml.safe_dump(config))
+    return load_settings(path, env or {})
+
+
+def test_file_and_environment(tmp_path: Path) -> None:
+    settings = _load(
+        tmp_path,
+        {
+            "tls": {"cert": "/certs/certs.pem"},
+            "auth": {"htpasswd": {"path": "/auth/htpasswd"}, "protect_metrics": True},
+            "http": {"draintimeout": "2m"},
+        },
+    )
+    assert settings.tls == TlsSettings(Path("/certs/certs.pem"))
+    assert settings.auth == AuthSettings(Path("/auth/htpasswd"), "registry-cache", True)
+    assert settings.drain_timeout == 120.0
+
+    settings = _load(
+        tmp_path,
+        {"tls": {"cert": "/file.pem"}},
+        {
+            "REGISTRY_HTTP_TLS_CERTIFICATE": "/env/cert.pem",
+            "REGISTRY_HTTP_TLS_KEY": "/env/key.pem",
+            "REGISTRY_AUTH": "htpasswd",
+            "REGISTRY_AUTH_HTPASSWD_PATH": "/env/htpasswd",
+            "REGISTRY_AUTH_HTPASSWD_REALM": "Corp Registry",
+        },
+    )
+    assert settings.tls == TlsSettings(Path("/env/cert.pem"), Path("/env/key.pem"))
+    assert settings.auth == AuthSettings(Path("/env/htpasswd"), "Corp Registry", False)
+
+    defaults = _load(tmp_path, {})
+    assert (defaults.tls, defaults.auth, defaults.drain_timeout) == (None, None, 60.0)
+
+
+@pytest.mark.parametrize(
+    ("config", "env", "message"),
+    [
+        ({"tls": {"crt": "/x"}}, {}, "unknown configuration key tls.crt"),
+        ({"tls": {"key": "/k.pem"}}, {}, "tls.key: a key without a certificate"),
+        ({}, {"REGISTRY_HTTP_TLS_KEY": "/k.pem"}, "REGISTRY_HTTP_TLS_KEY: a key without"),
+        ({}, {"REGISTRY_AUTH": "token"}, "REGISTRY_AUTH: only htpasswd is supported"),
+        ({}, {"REGISTRY_AUTH": "htpasswd"}, "auth.htpasswd.path (REGISTRY_AUTH_HTPASSWD_PATH)"),
+        ({"auth": {"htpasswd": {"realm": "x"}}}, {}, "auth.htpasswd.path"),
+        ({"auth": {"htpasswd": {"path": "/h", "realm": 'a"b'}}}, {}, "auth.htpasswd.realm"),
+        ({"auth": {"htpasswd": {"path": "/h"}, "protect_metrics": "yes"}}, {}, "protect_metrics"),
+        ({"auth": {"basic": {}}}, {}, "unknown configuration key auth.basic"),
+        ({"http": {"draintimeout": "soon"}}, {}, "http.draintimeout"),
+    ],
+)
+def test_bad_values_name_their_key(
+    tmp_path: Path, config: dict[str, Any], env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, config, env)
+    assert message in str(caught.value)
+
+
+def test_example_configuration_loads() -> None:
+    example = Path(__file__).parent.parent / "config" / "registry-cache.yml"
+    assert load_settings(example, {}).drain_timeout == 60.0
