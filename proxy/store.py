@@ -13,9 +13,13 @@ import uuid
 from pathlib import Path
 
 from .errors import RegistryError
+from .memo import BytesLRU
 from .reference import Digest
 
 __all__ = ["BlobStore"]
+
+# Memory for the small files read again and again (manifests): enough for thousands of them.
+_READ_CACHE_BYTES = 16 * 1024 * 1024
 
 
 class BlobStore:
@@ -27,6 +31,7 @@ class BlobStore:
         self.tmp = self.root / "tmp"
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self._recent = BytesLRU(_READ_CACHE_BYTES)
 
     def path(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.encoded[:2] / digest.encoded
@@ -60,13 +65,20 @@ class BlobStore:
                 temp.unlink()
 
     def read(self, digest: Digest) -> bytes | None:
+        """Small content (a manifest), from memory when it was read recently."""
+        data = self._recent.get(digest)
+        if data is not None:
+            return data
         try:
-            return self.path(digest).read_bytes()
+            data = self.path(digest).read_bytes()
         except FileNotFoundError:
             return None
+        self._recent.put(digest, data)
+        return data
 
     def delete(self, digest: Digest) -> int:
         """Remove a blob; returns the bytes freed (0 when it was not there)."""
+        self._recent.discard(digest)
         path = self.path(digest)
         try:
             size = path.stat().st_size

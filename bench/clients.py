@@ -1,0 +1,128 @@
+"""The load generators: skopeo pulls, curl for one blob, wrk and ab for manifests.
+
+Each returns plain numbers; none of them measures anything the server reports about itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support import skopeo
+
+__all__ = ["LoadResult", "ab_head", "curl_get", "pull", "pulls", "wrk_get"]
+
+_PULL_TIMEOUT = 600.0
+
+# wrk reports through its Lua `done` hook: exact counts and the latency percentile, as JSON.
+_WRK_SCRIPT = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests": %d, "duration_us": %d, "errors": %d, "p99_us": %d}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(99)))
+end
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    requests_per_second: float
+    p99_ms: float
+
+
+def pull(host: str, image: str, dest: Path) -> float:
+    """One `skopeo copy docker://... dir:` into a fresh directory; seconds, wall clock."""
+    shutil.rmtree(dest, ignore_errors=True)
+    started = time.perf_counter()
+    skopeo.copy(f"docker://{host}/{image}", f"dir:{dest}", timeout=_PULL_TIMEOUT)
+    elapsed = time.perf_counter() - started
+    shutil.rmtree(dest, ignore_errors=True)
+    return elapsed
+
+
+def pulls(host: str, image: str, dest: Path, count: int) -> float:
+    """`count` pulls of one image started together; seconds until the last one is done."""
+    dest.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(count) as pool:
+        futures = [
+            pool.submit(
+                skopeo.copy,
+                f"docker://{host}/{image}",
+                f"dir:{dest / str(i)}",
+                timeout=_PULL_TIMEOUT,
+            )
+            for i in range(count)
+        ]
+        for future in futures:
+            future.result()
+    elapsed = time.perf_counter() - started
+    shutil.rmtree(dest, ignore_errors=True)
+    return elapsed
+
+
+def curl_get(url: str) -> float:
+    """One GET to /dev/null; MB/s (10^6 bytes) of body."""
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--fail",
+            "--noproxy",
+            "*",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download} %{time_total}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=_PULL_TIMEOUT,
+    ).stdout
+    size, seconds = out.split()
+    return int(size) / float(seconds) / 1e6
+
+
+def wrk_get(
+    url: str, headers: dict[str, str], connections: int, seconds: int, workdir: Path
+) -> LoadResult:
+    script = workdir / "report.lua"
+    script.write_text(_WRK_SCRIPT)
+    args = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script)]
+    for key, value in headers.items():
+        args += ["-H", f"{key}: {value}"]
+    out = subprocess.run(
+        [*args, url], capture_output=True, text=True, check=True, timeout=seconds + 60
+    ).stdout
+    report = json.loads(out.strip().splitlines()[-1])
+    if report["errors"]:
+        raise RuntimeError(f"wrk saw {report['errors']} errors on {url}:\n{out}")
+    return LoadResult(report["requests"] / (report["duration_us"] / 1e6), report["p99_us"] / 1000)
+
+
+def ab_head(url: str, headers: dict[str, str], connections: int, seconds: int) -> LoadResult:
+    """HEAD load with ApacheBench (wrk 4.1 hangs on HEAD); keep-alive, as wrk."""
+    args = ["ab", "-k", "-i", "-q", "-c", str(connections), "-t", str(seconds), "-n", "100000000"]
+    for key, value in headers.items():
+        args += ["-H", f"{key}: {value}"]
+    out = subprocess.run(
+        [*args, url], capture_output=True, text=True, check=True, timeout=seconds + 60
+    ).stdout
+    failed = re.search(r"^(Failed requests|Non-2xx responses):\s+(\d+)", out, re.M)
+    if failed and int(failed[2]):
+        raise RuntimeError(f"ab saw failures on {url}:\n{out}")
+    rate = re.search(r"^Requests per second:\s+([\d.]+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\d+)", out, re.M)
+    if rate is None or p99 is None:
+        raise RuntimeError(f"unexpected ab output:\n{out}")
+    return LoadResult(float(rate[1]), float(p99[1]))
