@@ -20,6 +20,7 @@ from . import errors
 from .auth import AUTH_USER, Authenticator, auth_middleware
 from .cache import Cache
 from .errors import RegistryError
+from .logs import ACCESS_FIELDS
 from .metadata import Metadata
 from .metrics import Metrics
 from .routes import API_VERSION_HEADERS, CACHE, CACHE_STATUS, Routes
@@ -70,20 +71,17 @@ class AccessLogger(AbstractAccessLogger):
     """One JSON line per request: method, path, status, bytes, cache hit or miss, duration."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        self.logger.info(
-            json.dumps(
-                {
-                    "method": request.method,
-                    "path": request.path,
-                    "status": response.status,
-                    "bytes": _bytes_sent(request, response),
-                    "cache": request.get(CACHE_STATUS),
-                    "duration_ms": round(time * 1000, 2),
-                    "remote": request.remote,
-                    "user": request.get(AUTH_USER),
-                }
-            )
-        )
+        fields = {
+            "method": request.method,
+            "path": request.path,
+            "status": response.status,
+            "bytes": _bytes_sent(request, response),
+            "cache": request.get(CACHE_STATUS),
+            "duration_ms": round(time * 1000, 2),
+            "remote": request.remote,
+            "user": request.get(AUTH_USER),
+        }
+        self.logger.info(json.dumps(fields), extra={ACCESS_FIELDS: fields})
 
     @property
     def enabled(self) -> bool:

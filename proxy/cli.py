@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import admin, health
+from . import admin, health, logs
 from .app import AccessLogger, build_app
 from .settings import ConfigError, Settings, load_settings, parse_size
 from .sync import run as sync_run
@@ -83,7 +83,7 @@ def _serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         access_log_class=AccessLogger,
-        access_log=logging.getLogger("registry_cache.access"),
+        access_log=logging.getLogger("registry_cache.access") if settings.access_log else None,
         print=lambda message: log.info(message.strip()),
         ssl_context=server_context(settings.tls) if settings.tls else None,
         # On SIGTERM: stop accepting, let running transfers finish up to the drain timeout.
@@ -106,14 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
-        logging.basicConfig(
-            level=settings.log_level,
-            format="%(asctime)s %(levelname)s %(name)s %(message)s",
-            stream=sys.stderr,
-        )
+        logs.configure(settings)
         _lighten_log_records()
         if args.command == "health":
             return health.check(settings, "/readyz" if args.ready else "/healthz")
+        if args.command == "sync":
+            return _sync(args, settings)
         return _serve(settings) if args.command == "serve" else _admin(args, settings)
     except ConfigError as exc:
         print(f"registry-cache: configuration error: {exc}", file=sys.stderr)
@@ -122,5 +120,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-        if args.command == "sync":
-            return _sync(args, settings)

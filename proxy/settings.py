@@ -138,6 +138,8 @@ class Settings:
     upstreams: Mapping[str, UpstreamSettings] = field(default_factory=dict)
     cleaner: CleanerSettings = field(default_factory=CleanerSettings)
     log_level: str = "INFO"
+    log_format: str = "text"
+    access_log: bool = True
     tls: TlsSettings | None = None
     auth: AuthSettings | None = None
     drain_timeout: float = 60.0
@@ -253,6 +255,7 @@ class _Loader:
         "upstreams",
         "cleaner",
         "log_level",
+        "log",
         "tls",
         "auth",
         "http",
@@ -290,9 +293,7 @@ class _Loader:
                 f"default_upstream: {default_upstream!r} is not a configured upstream "
                 f"(configured: {', '.join(sorted(upstreams))})"
             )
-        log_level = _string(self.raw.get("log_level", "INFO"), "log_level").upper()
-        if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise ConfigError(f"log_level: expected DEBUG, INFO, WARNING or ERROR, not {log_level}")
+        log_level, log_format, access_log = self._log()
         return Settings(
             host=host,
             port=port,
@@ -311,6 +312,8 @@ class _Loader:
             upstreams=upstreams,
             cleaner=self._cleaner(),
             log_level=log_level,
+            log_format=log_format,
+            access_log=access_log,
             tls=self._tls(),
             auth=self._auth(),
             drain_timeout=self._drain_timeout(),
@@ -322,6 +325,25 @@ class _Loader:
         _reject_unknown(section, {"config"}, "sync")
         path, key = self._section_value(section, "sync", "config", "SYNC_CONFIG")
         return None if path is None else Path(_string(path, key))
+
+    def _log(self) -> tuple[str, str, bool]:
+        """Level, format and access log; `log_level` is the older spelling of `log.level`."""
+        section = _mapping(self.raw.get("log", {}), "log")
+        _reject_unknown(section, {"level", "format", "access"}, "log")
+        if "level" in section and "log_level" in self.raw:
+            raise ConfigError("log.level and log_level: give only one")
+        level_key = "log.level" if "level" in section else "log_level"
+        level = _string(section.get("level", self.raw.get("log_level", "INFO")), level_key).upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ConfigError(f"{level_key}: expected DEBUG, INFO, WARNING or ERROR, not {level}")
+        log_format, format_key = self._section_value(section, "log", "format", "LOG_FORMAT")
+        log_format = _string(log_format or "text", format_key).lower()
+        if log_format not in {"text", "json"}:
+            raise ConfigError(f"{format_key}: expected text or json, got {log_format!r}")
+        access = section.get("access", True)
+        if not isinstance(access, bool):
+            raise ConfigError(f"log.access: expected true or false, got {access!r}")
+        return level, log_format, access
 
     def _tls(self) -> TlsSettings | None:
         section = _mapping(self.raw.get("tls", {}), "tls")

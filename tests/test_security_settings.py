@@ -1,4 +1,4 @@
-"""Settings for tls, auth and http: from the file or distribution's variables; bad ones named."""
+"""Settings for tls, auth, http and log: from the file or the environment; bad ones named."""
 
 from __future__ import annotations
 
@@ -61,6 +61,11 @@ def test_file_and_environment(tmp_path: Path) -> None:
         ({"auth": {"htpasswd": {"path": "/h"}, "protect_metrics": "yes"}}, {}, "protect_metrics"),
         ({"auth": {"basic": {}}}, {}, "unknown configuration key auth.basic"),
         ({"http": {"draintimeout": "soon"}}, {}, "http.draintimeout"),
+        ({"log": {"format": "xml"}}, {}, "log.format: expected text or json"),
+        ({}, {"LOG_FORMAT": "yaml"}, "LOG_FORMAT: expected text or json"),
+        ({"log": {"level": "INFO"}, "log_level": "INFO"}, {}, "give only one"),
+        ({"log": {"level": "LOUD"}}, {}, "log.level: expected DEBUG"),
+        ({"log": {"access": "off"}}, {}, "log.access: expected true or false"),
     ],
 )
 def test_bad_values_name_their_key(
