@@ -48,6 +48,8 @@ def upstream_failure(exc: UpstreamError, unknown: errors.ErrorCode) -> RegistryE
     if isinstance(exc, errors.UpstreamUnauthorized):
         code = errors.DENIED if exc.status == 403 else errors.UNAUTHORIZED
         return RegistryError(code, f"the upstream refused the cache's credentials: {exc}")
+    if isinstance(exc, errors.UpstreamAnswerTooLarge):
+        return RegistryError(errors.MANIFEST_INVALID, str(exc))
     if isinstance(exc, errors.UpstreamUnavailable):
         return RegistryError(errors.UNAVAILABLE, str(exc))
     return RegistryError(errors.UNAVAILABLE, str(exc), status=502)

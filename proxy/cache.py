@@ -30,7 +30,7 @@ from .metrics import Metrics
 from .reference import Digest, Tag, Target
 from .settings import Settings
 from .store import BlobStore
-from .upstream import UpstreamClient
+from .upstream import UpstreamClient, read_body
 
 __all__ = ["Cache", "LocalBlob", "Page", "paginate"]
 
@@ -242,12 +242,7 @@ class Cache:
             repository=target.repository,
             headers=headers,
         ) as response:
-            declared = response.content_length
-            if declared is not None and declared > MAX_MANIFEST_SIZE:
-                raise RegistryError(errors.MANIFEST_INVALID, "upstream manifest exceeds 4 MiB")
-            data = await response.content.read(MAX_MANIFEST_SIZE + 1)
-            if len(data) > MAX_MANIFEST_SIZE:
-                raise RegistryError(errors.MANIFEST_INVALID, "upstream manifest exceeds 4 MiB")
+            data = await read_body(response, MAX_MANIFEST_SIZE)
             content_type = response.headers.get("Content-Type")
             header_digest = response.headers.get("Docker-Content-Digest")
         digest = self._verify_manifest(data, expected, header_digest)
@@ -268,7 +263,11 @@ class Cache:
             try:
                 claimed = Digest.parse(header)
             except RegistryError:
-                claimed = None
+                raise RegistryError(
+                    errors.DIGEST_INVALID,
+                    f"upstream sent an unusable Docker-Content-Digest: {header[:100]!r}",
+                    status=502,
+                ) from None
         actual = Digest.of(data, claimed.algorithm if claimed else "sha256")
         if claimed is not None and actual != claimed:
             raise RegistryError(
@@ -335,7 +334,7 @@ class Cache:
             async with upstream.open(
                 "GET", f"{target.repository}/tags/list", repository=target.repository, params=params
             ) as response:
-                document = json.loads(await response.content.read(MAX_MANIFEST_SIZE))
+                document = json.loads(await read_body(response, MAX_MANIFEST_SIZE))
                 link = response.headers.get("Link")
         except UpstreamError as exc:
             if isinstance(exc, errors.UpstreamNotFound):
@@ -369,7 +368,7 @@ class Cache:
                 repository=target.repository,
                 params=params,
             ) as response:
-                body = await response.content.read(MAX_MANIFEST_SIZE)
+                body = await read_body(response, MAX_MANIFEST_SIZE)
                 headers = {
                     key: response.headers[key]
                     for key in ("Content-Type", "OCI-Filters-Applied")

@@ -9,7 +9,8 @@ Upstream errors describe what went wrong talking to a registry; the cache decide
 stale copy can stand in, and otherwise translates them with `to_registry_error`::
 
     UpstreamError
-    ├── UpstreamUnavailable      refused, timed out, 5xx: serve stale if we can
+    ├── UpstreamUnavailable      refused, timed out, 5xx, cut: serve stale if we can
+    ├── UpstreamAnswerTooLarge   a manifest or list over our limit
     └── UpstreamStatusError      a definite answer with a status
         ├── UpstreamNotFound         404
         ├── UpstreamUnauthorized     401/403 even with our credentials
@@ -42,6 +43,7 @@ __all__ = [
     "BlobVerificationError",
     "ErrorCode",
     "RegistryError",
+    "UpstreamAnswerTooLarge",
     "UpstreamError",
     "UpstreamNotFound",
     "UpstreamRateLimited",
@@ -109,6 +111,10 @@ class UpstreamError(Exception):
 
 class UpstreamUnavailable(UpstreamError):
     """The upstream could not answer: connection refused, timeout, or a 5xx."""
+
+
+class UpstreamAnswerTooLarge(UpstreamError):
+    """A document (manifest, tag list) larger than we accept."""
 
 
 class UpstreamStatusError(UpstreamError):

@@ -218,12 +218,14 @@ class Routes:
             found = cache.blob(target, digest)
             if isinstance(found, LocalBlob):
                 request[CACHE_STATUS] = "hit"
-                parse_range(request.headers.get("Range"), found.size)  # a 416 as OCI JSON
+                span = parse_range(request.headers.get("Range"), found.size)  # 416: OCI JSON
                 # sendfile, Range, conditional requests: aiohttp's FileResponse does them all.
                 # It is sent here, under the lease, so the cleaner cannot remove it meanwhile.
                 response = web.FileResponse(found.path, headers=headers)
+                # Counted before sending, so a scrape right after the transfer sees it.
+                start, end = span or (0, found.size)
+                cache.metrics.bytes_served.labels("cache").inc(end - start)
                 await response.prepare(request)
-                cache.metrics.bytes_served.labels("cache").inc(response.content_length or 0)
                 return response
         request[CACHE_STATUS] = "miss"
         return await self._stream_download(request, found, headers)
@@ -248,8 +250,8 @@ class Routes:
         try:
             async with contextlib.aclosing(download.read(start, end)) as chunks:
                 async for chunk in chunks:
-                    await response.write(chunk)
                     request.app[CACHE].metrics.bytes_served.labels("upstream").inc(len(chunk))
+                    await response.write(chunk)
         except (RegistryError, errors.BlobVerificationError) as exc:
             # The status is sent: the only honest signal left is to cut the connection, so
             # the client sees a short transfer instead of a complete one.

@@ -25,6 +25,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .errors import (
+    UpstreamAnswerTooLarge,
     UpstreamError,
     UpstreamNotFound,
     UpstreamRateLimited,
@@ -36,7 +37,7 @@ from .metrics import Metrics
 from .reachability import Reachability
 from .settings import UpstreamSettings, host_allowed
 
-__all__ = ["RateLimit", "UpstreamClient"]
+__all__ = ["RateLimit", "UpstreamClient", "read_body"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,22 @@ def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
         m.group(1).lower(): m.group(2) or m.group(3) or "" for m in _CHALLENGE_PARAM.finditer(rest)
     }
     return scheme.lower(), params
+
+
+async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, up to `limit` bytes: `UpstreamError` if it is longer, or shorter than
+    its Content-Length (a cut connection must not pass for a small document)."""
+    declared = response.content_length
+    if declared is not None and declared > limit:
+        raise UpstreamAnswerTooLarge(f"upstream answer of {declared} bytes exceeds {limit}")
+    body = bytearray()
+    while chunk := await response.content.readany():
+        body += chunk
+        if len(body) > limit:
+            raise UpstreamAnswerTooLarge(f"upstream answer exceeds {limit} bytes")
+    if declared is not None and len(body) != declared:
+        raise UpstreamUnavailable(f"upstream answer cut at {len(body)} of {declared} bytes")
+    return bytes(body)
 
 
 def _basic(username: str, password: str) -> str:

@@ -20,7 +20,7 @@ import aiohttp
 from proxy.errors import UpstreamError, UpstreamNotFound, UpstreamStatusError
 from proxy.manifest import ACCEPT_ALL, MAX_MANIFEST_SIZE, Manifest, read_manifest
 from proxy.reference import Digest
-from proxy.upstream import RateLimit, UpstreamClient
+from proxy.upstream import RateLimit, UpstreamClient, read_body
 
 __all__ = ["Head", "Remote", "Throttle"]
 
@@ -117,11 +117,9 @@ class Remote:
         async with self._open(
             "GET", f"manifests/{reference}", repository, headers={"Accept": ", ".join(ACCEPT_ALL)}
         ) as response:
-            data = await response.content.read(MAX_MANIFEST_SIZE + 1)
+            data = await read_body(response, MAX_MANIFEST_SIZE)
             content_type = response.headers.get("Content-Type")
             announced = response.headers.get("Docker-Content-Digest")
-        if len(data) > MAX_MANIFEST_SIZE:
-            raise UpstreamError(f"{self.name}/{repository}:{reference}: manifest exceeds 4 MiB")
         expected = reference if reference.startswith("sha") else announced
         algorithm = expected.split(":", 1)[0] if expected else "sha256"
         digest = Digest.of(data, algorithm)
@@ -135,7 +133,7 @@ class Remote:
     async def blob(self, repository: str, digest: str) -> bytes:
         """A small blob (an image config), whole."""
         async with self._open("GET", f"blobs/{digest}", repository) as response:
-            return await response.content.read(MAX_MANIFEST_SIZE)
+            return await read_body(response, MAX_MANIFEST_SIZE)
 
     @asynccontextmanager
     async def blob_stream(
@@ -151,7 +149,7 @@ class Remote:
         params: dict[str, str] = {"n": "1000"}
         while True:
             async with self._open("GET", "tags/list", repository, params=params) as response:
-                document = json.loads(await response.content.read(MAX_MANIFEST_SIZE))
+                document = json.loads(await read_body(response, MAX_MANIFEST_SIZE))
                 link = response.headers.get("Link")
             listed = document.get("tags") if isinstance(document, dict) else None
             tags += [tag for tag in listed or [] if isinstance(tag, str)]

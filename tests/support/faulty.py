@@ -30,6 +30,8 @@ class FaultyUpstream(StandIn):
         self.manifest_body: bytes | None = None
         """Sent instead of every manifest, with `manifest_headers`."""
         self.manifest_headers: dict[str, str] = {}
+        self.manifest_length_lie = 0
+        """Bytes more than the body that the manifest's Content-Length claims (then cut)."""
         self.ranges: list[str] = []
         """The Range header of every blob request that had one."""
         self._silence = asyncio.Event()
@@ -41,13 +43,21 @@ class FaultyUpstream(StandIn):
         headers = {"Retry-After": self.retry_after} if status == 429 else {}
         return web.json_response({"errors": [{"code": "UNKNOWN"}]}, status=status, headers=headers)
 
-    async def _manifest(self, request: web.Request) -> web.Response:
+    async def _manifest(self, request: web.Request) -> web.StreamResponse:  # type: ignore[override]
         error = self._queued_error()
         if error is not None:
             return error
-        if self.manifest_body is not None:
+        if self.manifest_body is None:
+            return await super()._manifest(request)
+        if not self.manifest_length_lie:
             return web.Response(body=self.manifest_body, headers=self.manifest_headers)
-        return await super()._manifest(request)
+        response = web.StreamResponse(headers=self.manifest_headers)
+        response.content_length = len(self.manifest_body) + self.manifest_length_lie
+        await response.prepare(request)
+        await response.write(self.manifest_body)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
 
     async def _blob(self, request: web.Request) -> web.StreamResponse:  # type: ignore[override]
         error = self._queued_error()
