@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from aiohttp import web
 
 from . import admin, health, logs
 from .app import AccessLogger, build_app
+from .limits import ConnectionLimiter
 from .settings import ConfigError, Settings, load_settings, parse_size
 from .sync import run as sync_run
 from .tls import server_context
@@ -77,19 +79,37 @@ def _admin(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    app = build_app(settings)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
+    asyncio.run(_run_server(settings))
+    return 0
+
+
+async def _run_server(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then stop accepting and let running transfers finish,
+    up to the drain timeout. (web.run_app does the same, but hides the server we need to
+    hook the per-address connection cap into.)"""
+    runner = web.AppRunner(
+        build_app(settings),
         access_log_class=AccessLogger,
         access_log=logging.getLogger("registry_cache.access") if settings.access_log else None,
-        print=lambda message: log.info(message.strip()),
-        ssl_context=server_context(settings.tls) if settings.tls else None,
-        # On SIGTERM: stop accepting, let running transfers finish up to the drain timeout.
+        keepalive_timeout=settings.idle_timeout,
         shutdown_timeout=settings.drain_timeout,
     )
-    return 0
+    await runner.setup()
+    assert runner.server is not None
+    ConnectionLimiter(settings.max_connections_per_address).install(runner.server)
+    ssl_context = server_context(settings.tls) if settings.tls else None
+    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
+    try:
+        await site.start()
+        log.info("serving on %s", site.name)
+        await stop.wait()
+        log.info("stopping: draining transfers for up to %.0fs", settings.drain_timeout)
+    finally:
+        await runner.cleanup()
 
 
 def _lighten_log_records() -> None:

@@ -30,6 +30,9 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 CHUNK_SIZE: Final = 1024 * 1024
+# What a reader hands to its client at a time: each client holds up to one such piece in its
+# socket buffer, so this bounds memory under hundreds of concurrent readers.
+_READ_SIZE: Final = 256 * 1024
 
 
 class SingleFlight(Generic[K, V]):
@@ -188,7 +191,7 @@ class BlobDownload:
                     available = self.written - 1
                 limit = available if end is None else min(available, end)
                 if position < limit:
-                    count = min(CHUNK_SIZE, limit - position)
+                    count = min(_READ_SIZE, limit - position)
                     chunk = await loop.run_in_executor(None, os.pread, self._fd, count, position)
                     position += len(chunk)
                     yield chunk

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from yarl import URL
 
 from . import errors
@@ -144,6 +145,16 @@ def _link(path: str, n: int | None, page: Page) -> dict[str, str]:
     return {"Link": f'<{URL(path).with_query(query)}>; rel="next"'}
 
 
+class _SentFileResponse(web.FileResponse):
+    """A FileResponse the handler sends itself (to hold a lease while it does). aiohttp
+    prepares every returned response once more; FileResponse would send the file again."""
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return await web.StreamResponse.prepare(self, request)
+        return await super().prepare(request)
+
+
 class Routes:
     """Thin handlers: parse, call the cache, shape the response."""
 
@@ -221,7 +232,7 @@ class Routes:
                 span = parse_range(request.headers.get("Range"), found.size)  # 416: OCI JSON
                 # sendfile, Range, conditional requests: aiohttp's FileResponse does them all.
                 # It is sent here, under the lease, so the cleaner cannot remove it meanwhile.
-                response = web.FileResponse(found.path, headers=headers)
+                response = _SentFileResponse(found.path, headers=headers)
                 # Counted before sending, so a scrape right after the transfer sees it.
                 start, end = span or (0, found.size)
                 cache.metrics.bytes_served.labels("cache").inc(end - start)

@@ -143,6 +143,9 @@ class Settings:
     tls: TlsSettings | None = None
     auth: AuthSettings | None = None
     drain_timeout: float = 60.0
+    # A connection that sends no complete request for this long is closed (slowloris).
+    idle_timeout: float = 60.0
+    max_connections_per_address: int = 512
     sync_config: Path | None = None  # a regsync-format file for the sync worker
 
 
@@ -316,7 +319,7 @@ class _Loader:
             access_log=access_log,
             tls=self._tls(),
             auth=self._auth(),
-            drain_timeout=self._drain_timeout(),
+            **self._http(),
             sync_config=self._sync_config(),
         )
 
@@ -389,10 +392,25 @@ class _Loader:
             )
         return AuthSettings(Path(_string(path, path_key)), realm, protect_metrics)
 
-    def _drain_timeout(self) -> float:
+    def _http(self) -> dict[str, Any]:
+        """Limits towards clients: shutdown drain, idle connections, connections per address."""
         section = _mapping(self.raw.get("http", {}), "http")
-        _reject_unknown(section, {"draintimeout"}, "http")
-        return parse_duration(section.get("draintimeout", "60s"), "http.draintimeout")
+        _reject_unknown(section, {"draintimeout", "idletimeout", "maxconnsperaddress"}, "http")
+        idle = parse_duration(section.get("idletimeout", "60s"), "http.idletimeout")
+        if idle <= 0:
+            raise ConfigError("http.idletimeout: must be longer than zero")
+        per_address = section.get("maxconnsperaddress", 512)
+        if isinstance(per_address, bool) or not isinstance(per_address, int) or per_address < 1:
+            raise ConfigError(
+                f"http.maxconnsperaddress: expected a positive number, got {per_address!r}"
+            )
+        return {
+            "drain_timeout": parse_duration(
+                section.get("draintimeout", "60s"), "http.draintimeout"
+            ),
+            "idle_timeout": idle,
+            "max_connections_per_address": per_address,
+        }
 
     def _section_value(
         self, section: Mapping[str, Any], where: str, key: str, env_name: str

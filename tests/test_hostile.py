@@ -6,6 +6,7 @@ and nothing may be written outside the data directory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 from collections.abc import Iterator
@@ -18,8 +19,9 @@ from hypothesis import strategies as st
 
 from tests.conftest import StartProxy
 from tests.support.faulty import FaultyUpstream
-from tests.support.images import Image, write_layout
+from tests.support.images import Image, push, write_layout
 from tests.support.proxy import Proxy
+from tests.support.registry import Registry
 
 FUZZ_EXAMPLES = 300
 
@@ -190,3 +192,80 @@ def test_smuggling_and_absurd_headers_are_refused(proxy: Proxy, request_bytes: b
     assert 400 <= status < 500
     # The connection is closed after the refusal: nothing smuggled behind it is read.
     assert answer.count(b"HTTP/1.") == 1
+
+
+def connect_from(source: str, port: int) -> socket.socket:
+    """A connection to the cache from a chosen loopback address."""
+    connection = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    connection.settimeout(10)
+    connection.bind((source, 0))
+    connection.connect(("127.0.0.1", port))
+    return connection
+
+
+def closed_by_server(connection: socket.socket) -> bool:
+    try:
+        return connection.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_slow_clients_do_not_hold_the_server(
+    tmp_path: Path, faulty: FaultyUpstream, start_proxy: StartProxy
+) -> None:
+    config: dict[str, Any] = {
+        "upstreams": [{"name": "test.local", "url": faulty.url}],
+        "default_upstream": "test.local",
+        "http": {"idletimeout": "2s", "maxconnsperaddress": 10},
+    }
+    proxy = start_proxy(config)
+    slowloris = [connect_from("127.0.0.1", proxy.port) for _ in range(10)]
+    for connection in slowloris:
+        connection.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+
+    refused = connect_from("127.0.0.1", proxy.port)
+    refused.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, body = status_and_body(refused.recv(65536))
+    refused.close()
+    assert status == 429 and json.loads(body)["errors"][0]["code"] == "TOOMANYREQUESTS"
+
+    other = connect_from("127.0.0.2", proxy.port)
+    other.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_and_body(other.recv(65536))[0] == 200
+    other.close()
+
+    # The headers never complete: each connection is closed once the idle timeout passes
+    # (the socket timeout of 10 s bounds the wait).
+    assert all(closed_by_server(connection) for connection in slowloris)
+    for connection in slowloris:
+        connection.close()
+    assert (
+        status_and_body(
+            raw_request(proxy.port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        )[0]
+        == 200
+    )
+
+
+def test_a_reader_that_stalls_does_not_slow_the_others(
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
+) -> None:
+    image = write_layout(tmp_path / "big", "v1", None, [16 * 1024 * 1024], seed=61)
+    push(image, upstream.host, "slow/app")
+    config = {
+        "upstreams": [{"name": "test.local", "url": upstream.url}],
+        "default_upstream": "test.local",
+    }
+    proxy = start_proxy(config)
+    layer = image.layers[0]
+    path = f"/v2/test.local/slow/app/blobs/{layer}"
+    request = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+
+    stalled = connect_from("127.0.0.1", proxy.port)
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.sendall(request)  # and never reads
+    for _ in range(3):
+        answer = raw_request(proxy.port, request, timeout=60)
+        _, body = status_and_body(answer)
+        assert hashlib.sha256(body).hexdigest() == layer.removeprefix("sha256:")
+    stalled.close()
