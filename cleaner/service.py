@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 from proxy.metadata import Candidate, Metadata
 from proxy.metrics import Metrics
@@ -25,6 +27,8 @@ from .policy import choose_victims
 __all__ = ["Cleaner", "EvictionReport"]
 
 log = logging.getLogger(__name__)
+
+_ROOM_RETRY: Final = 1.0
 
 
 @dataclass(slots=True)
@@ -71,10 +75,12 @@ class Cleaner:
         self._nudged.set()
 
     async def serve(self) -> None:
-        """Run every `run_every`, or when nudged; until cancelled."""
+        """Run every `run_every`, or when nudged; until cancelled. Room the disk still needs
+        (what was in use could not go) is sought again every second."""
         while True:
+            wait = _ROOM_RETRY if self._room_needed else self.settings.run_every
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._nudged.wait(), timeout=self.settings.run_every)
+                await asyncio.wait_for(self._nudged.wait(), timeout=wait)
             self._nudged.clear()
             # The admin `clean` command may have evicted from another process meanwhile.
             await self.metadata.refresh_totals()
@@ -84,15 +90,23 @@ class Cleaner:
                 continue
             target = min(self.settings.max_size, self.metadata.total_size - needed)
             try:
-                await self.clean(max_size=max(target, 0))
+                report = await self.clean(max_size=max(target, 0))
             except Exception:
                 log.exception("cleaner pass failed")
+                self._room_needed = max(self._room_needed, needed)
+                continue
+            if needed > report.freed and self.metadata.total_size > 0:
+                self._room_needed = max(self._room_needed, needed - report.freed)
 
     async def clean(self, max_size: int | None = None, dry_run: bool = False) -> EvictionReport:
         """Evict least recently used items until the cache holds at most `max_size`."""
         async with self._lock:
             started = time.monotonic()
-            await self.metadata.flush_access_times()
+            try:
+                await self.metadata.flush_access_times()
+            except sqlite3.OperationalError as exc:
+                # On a full disk even SQLite cannot write; evicting (files first) makes room.
+                log.warning("evicting with access times not yet written: %s", exc)
             target = self.settings.max_size if max_size is None else max_size
             total, _ = await self.metadata.totals()
             pinned = await self.metadata.pinned_size()

@@ -380,7 +380,12 @@ class Metadata:
                 [(digest, when) for when, digest in rows],
             )
 
-        await self._run(update)
+        try:
+            await self._run(update)
+        except sqlite3.Error:
+            # Kept for the next flush (a full disk, a busy database): newer uses win.
+            self._pending_access = pending | self._pending_access
+            raise
         return len(rows)
 
     # -- tags --------------------------------------------------------------------------------
