@@ -36,6 +36,8 @@ _DISK_FULL: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # After a write failed for want of space, how long to serve without caching before trying again.
 _DISK_FULL_BACKOFF: Final = 30.0
 _MAX_PARTIALS: Final = 16
+# Batches of about CHUNK_SIZE received but not yet written: memory per download is bounded.
+_PIPELINE_DEPTH: Final = 4
 
 
 def upstream_failure(exc: UpstreamError, unknown: errors.ErrorCode) -> RegistryError:
@@ -210,20 +212,55 @@ class BlobFetcher:
                 download.restart()
             download.start(size)
             self.on_incoming((size or 0) - download.written)
-            buffer = bytearray()
-            async for chunk in response.content.iter_chunked(CHUNK_SIZE):
-                buffer += chunk
-                if len(buffer) >= CHUNK_SIZE:
-                    await self._append(download, bytes(buffer))
-                    buffer.clear()
-            if buffer:
-                await self._append(download, bytes(buffer))
+            await self._pipe(response, download)
 
-    async def _append(self, download: BlobDownload, data: bytes) -> None:
-        idle = time.monotonic() - download.idle_since
-        if not download.readers and idle > self.cache_write_timeout:
-            raise _Abandoned(f"no client waited for {download.digest} for {idle:.0f}s")
-        await download.append(data)
+    async def _pipe(self, response: aiohttp.ClientResponse, download: BlobDownload) -> None:
+        """Receive from the socket while earlier chunks are hashed and written in a thread:
+        the two stages overlap instead of taking turns."""
+        batches: asyncio.Queue[list[bytes] | None] = asyncio.Queue(maxsize=_PIPELINE_DEPTH)
+        storing = asyncio.create_task(self._store(download, batches))
+        batch: list[bytes] = []
+        batched = 0
+        try:
+            try:
+                async for chunk in response.content.iter_any():
+                    batch.append(chunk)
+                    batched += len(chunk)
+                    if batched >= CHUNK_SIZE:
+                        await self._hand_over(batches, batch, storing)
+                        batch, batched = [], 0
+            finally:
+                # Even when the connection was cut: what arrived is kept, for a resume.
+                if batch:
+                    await self._hand_over(batches, batch, storing)
+                await self._hand_over(batches, None, storing)
+                await storing
+        finally:
+            storing.cancel()
+
+    @staticmethod
+    async def _hand_over(
+        batches: asyncio.Queue[list[bytes] | None],
+        batch: list[bytes] | None,
+        storing: asyncio.Task[None],
+    ) -> None:
+        """Queue a batch for storing; if storing failed, raise its error instead of waiting."""
+        if storing.done():
+            storing.result()
+        put = asyncio.ensure_future(batches.put(batch))
+        await asyncio.wait({put, storing}, return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+            storing.result()
+
+    async def _store(
+        self, download: BlobDownload, batches: asyncio.Queue[list[bytes] | None]
+    ) -> None:
+        while (batch := await batches.get()) is not None:
+            idle = time.monotonic() - download.idle_since
+            if not download.readers and idle > self.cache_write_timeout:
+                raise _Abandoned(f"no client waited for {download.digest} for {idle:.0f}s")
+            await download.append(batch)
 
     def _fail(self, download: BlobDownload, exc: Exception, target: Target) -> None:
         """Report a failed download to its readers; keep what a cut one got, for a resume."""

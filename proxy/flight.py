@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable
 from pathlib import Path
-from typing import Final, Generic, TypeVar
+from typing import BinaryIO, Final, Generic, TypeVar
 
 from .errors import BlobVerificationError
 from .reference import Digest
@@ -30,6 +30,7 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 CHUNK_SIZE: Final = 1024 * 1024
+Span = tuple[int, int]
 # What a reader hands to its client at a time: each client holds up to one such piece in its
 # socket buffer, so this bounds memory under hundreds of concurrent readers.
 _READ_SIZE: Final = 256 * 1024
@@ -101,17 +102,25 @@ class BlobDownload:
         if not self._started.done():
             self._started.set_result(None)
 
-    async def append(self, data: bytes) -> None:
-        """Hash and write a chunk in a thread (hashlib and write release the GIL)."""
-        await asyncio.get_running_loop().run_in_executor(None, self._write, data)
-        self.written += len(data)
+    async def append(self, chunks: list[bytes]) -> None:
+        """Hash and write chunks in a thread (hashlib and pwritev release the GIL), without
+        joining them first."""
+        await asyncio.get_running_loop().run_in_executor(None, self._write, chunks)
+        self.written += sum(len(chunk) for chunk in chunks)
         self._notify()
 
-    def _write(self, data: bytes) -> None:
-        self._hasher.update(data)
-        view = memoryview(data)
-        while view:
-            view = view[os.pwrite(self._fd, view, self.written + len(data) - len(view)) :]
+    def _write(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self._hasher.update(chunk)
+        offset = self.written
+        views = [memoryview(chunk) for chunk in chunks]
+        while views:
+            done = os.pwritev(self._fd, views, offset)
+            offset += done
+            while views and done >= len(views[0]):
+                done -= len(views.pop(0))
+            if views:
+                views[0] = views[0][done:]
 
     def verify(self) -> None:
         """Check what was written against the digest; raises `BlobVerificationError`."""
@@ -170,10 +179,11 @@ class BlobDownload:
         """Wait until the size is known (or the download failed, which raises)."""
         await asyncio.shield(self._started)
 
-    async def read(self, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
-        """Yield bytes `start` to `end` (exclusive) as they arrive.
+    async def spans(self, start: int = 0, end: int | None = None) -> AsyncGenerator[Span, None]:
+        """Yield `(offset, count)` pieces of bytes `start` to `end` (exclusive) as they arrive,
+        for the caller to send from `open_file()`.
 
-        Raises the download's error if it fails; the last byte of the blob is only yielded
+        Raises the download's error if it fails; the last byte of the blob is only released
         after the digest was verified.
         """
         self._users += 1
@@ -181,7 +191,6 @@ class BlobDownload:
         try:
             await self.wait_started()
             position = start
-            loop = asyncio.get_running_loop()
             while end is None or position < end:
                 progress = self._progress
                 if self.finished.done():
@@ -191,10 +200,8 @@ class BlobDownload:
                     available = self.written - 1
                 limit = available if end is None else min(available, end)
                 if position < limit:
-                    count = min(_READ_SIZE, limit - position)
-                    chunk = await loop.run_in_executor(None, os.pread, self._fd, count, position)
-                    position += len(chunk)
-                    yield chunk
+                    yield position, limit - position
+                    position = limit
                 elif self.finished.done():
                     return
                 else:
@@ -203,6 +210,20 @@ class BlobDownload:
             self.release()
             self.readers -= 1
             self.idle_since = time.monotonic()
+
+    async def read(self, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
+        """The bytes of `spans`, in pieces small enough that many readers stay cheap."""
+        loop = asyncio.get_running_loop()
+        async with contextlib.aclosing(self.spans(start, end)) as spans:
+            async for offset, count in spans:
+                for position in range(offset, offset + count, _READ_SIZE):
+                    size = min(_READ_SIZE, offset + count - position)
+                    yield await loop.run_in_executor(None, os.pread, self._fd, size, position)
+
+    def open_file(self) -> BinaryIO:
+        """A file on the growing download for `loop.sendfile` (its own descriptor, which
+        outlives the rename into the store)."""
+        return os.fdopen(os.dup(self._fd), "rb", buffering=0)
 
 
 def file_digest(path: Path, algorithm: str) -> str:

@@ -134,6 +134,8 @@ class UpstreamClient:
             ),
             # Blobs are stored byte for byte; a transparent gunzip would corrupt them.
             auto_decompress=False,
+            # Let a megabyte arrive while the last one is hashed, instead of pausing the socket.
+            read_bufsize=1024 * 1024,
             headers={"User-Agent": _USER_AGENT},
         )
         self._tokens: dict[str, _Token] = {}
