@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Final
 
 from aiohttp import web
@@ -18,7 +19,7 @@ from cleaner.service import Cleaner
 
 from . import errors
 from .auth import AUTH_USER, Authenticator, auth_middleware
-from .cache import Cache
+from .cache import Cache, open_cache
 from .errors import RegistryError
 from .logs import ACCESS_FIELDS
 from .metadata import Metadata
@@ -26,10 +27,8 @@ from .metrics import Metrics
 from .routes import API_VERSION_HEADERS, CACHE, CACHE_STATUS, Routes
 from .settings import Settings
 from .status import install_status
-from .store import BlobStore
 from .sync import service as sync_service
-from .sync.config import load_sync_config
-from .upstream import UpstreamClient
+from .sync.config import SyncConfig, load_sync_config
 
 __all__ = ["METRICS", "AccessLogger", "build_app"]
 
@@ -166,6 +165,32 @@ def _watch(metrics: Metrics, cache: Cache) -> None:
     metrics.watch(read)
 
 
+@asynccontextmanager
+async def _background(
+    settings: Settings, sync_config: SyncConfig | None, cache: Cache, metrics: Metrics
+) -> AsyncIterator[None]:
+    """The server's own tasks: the cleaner, the access-time writer, the sync worker."""
+    cleaner = Cleaner(settings.cleaner, cache.store, cache.metadata, cache.in_use, metrics)
+    cache.fetcher.on_incoming = cleaner.nudge
+    cache.fetcher.on_disk_full = cleaner.make_room
+    tasks = [
+        asyncio.create_task(cleaner.serve(), name="cleaner"),
+        asyncio.create_task(_flush_access_times(cache.metadata), name="access-times"),
+    ]
+    if sync_config is not None:
+        tasks.append(
+            asyncio.create_task(
+                sync_service.serve(settings, sync_config, cache, metrics), name="sync"
+            )
+        )
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def build_app(settings: Settings) -> web.Application:
     """The application; its resources are opened on startup and closed on cleanup."""
     # Client auth comes inside oci_errors, so that its 401 is OCI JSON; loading the htpasswd
@@ -179,53 +204,21 @@ def build_app(settings: Settings) -> web.Application:
     sync_config = load_sync_config(settings.sync_config) if settings.sync_config else None
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        store = BlobStore(settings.storage_root)
-        metadata = Metadata(store.root / "metadata.db")
-        await metadata.open()
-        await reconcile(store, metadata)
-        upstreams = {
-            name: UpstreamClient(
-                upstream,
-                connect_timeout=settings.upstream_connect_timeout,
-                read_timeout=settings.upstream_read_timeout,
-                metrics=metrics,
-            )
-            for name, upstream in settings.upstreams.items()
-        }
-        cache = Cache(settings, store, metadata, upstreams, metrics)
-        cleaner = Cleaner(settings.cleaner, store, metadata, cache.in_use, metrics)
-        cache.fetcher.on_incoming = cleaner.nudge
-        cache.fetcher.on_disk_full = cleaner.make_room
-        app[CACHE] = cache
-        _watch(metrics, cache)
-        background = [
-            asyncio.create_task(cleaner.serve(), name="cleaner"),
-            asyncio.create_task(_flush_access_times(metadata), name="access-times"),
-        ]
-        if sync_config is not None:
-            background.append(
-                asyncio.create_task(
-                    sync_service.serve(settings, sync_config, cache, metrics), name="sync"
+        async with open_cache(settings, metrics) as cache:
+            await reconcile(cache.store, cache.metadata)
+            async with _background(settings, sync_config, cache, metrics):
+                app[CACHE] = cache
+                _watch(metrics, cache)
+                log.info(
+                    "serving upstreams %s (default %s), data in %s",
+                    ", ".join(sorted(cache.upstreams)),
+                    settings.default_upstream,
+                    cache.store.root,
                 )
-            )
-        log.info(
-            "serving upstreams %s (default %s), data in %s",
-            ", ".join(sorted(upstreams)),
-            settings.default_upstream,
-            store.root,
-        )
-        try:
-            yield
-        finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            await cache.close()
-            for client in upstreams.values():
-                await client.close()
-            await metadata.close()
+                yield
 
     app.cleanup_ctx.append(resources)
+
     app.router.add_get("/healthz", health)
     app.router.add_get("/readyz", ready)
     app.router.add_get("/metrics", metrics_endpoint)

@@ -13,7 +13,8 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -32,7 +33,7 @@ from .settings import Settings
 from .store import BlobStore
 from .upstream import UpstreamClient, read_body
 
-__all__ = ["Cache", "LocalBlob", "Page", "paginate"]
+__all__ = ["Cache", "LocalBlob", "Page", "open_cache", "paginate"]
 
 log = logging.getLogger(__name__)
 
@@ -386,3 +387,29 @@ def _link_last(link: str) -> str | None:
     """The `last` of an upstream's `Link: <...?last=x&n=y>; rel="next"`."""
     target = link.split(";", 1)[0].strip().strip("<>")
     return URL(target).query.get("last")
+
+
+@asynccontextmanager
+async def open_cache(settings: Settings, metrics: Metrics) -> AsyncIterator[Cache]:
+    """The cache of a data directory with its upstream clients, closed on exit: for the server
+    and for commands that run beside (or without) it; SQLite in WAL mode lets both in."""
+    store = BlobStore(settings.storage_root)
+    metadata = Metadata(store.root / "metadata.db")
+    await metadata.open()
+    upstreams = {
+        name: UpstreamClient(
+            upstream,
+            connect_timeout=settings.upstream_connect_timeout,
+            read_timeout=settings.upstream_read_timeout,
+            metrics=metrics,
+        )
+        for name, upstream in settings.upstreams.items()
+    }
+    cache = Cache(settings, store, metadata, upstreams, metrics)
+    try:
+        yield cache
+    finally:
+        await cache.close()
+        for client in upstreams.values():
+            await client.close()
+        await metadata.close()

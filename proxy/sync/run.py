@@ -2,52 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import humanfriendly
 
-from proxy.cache import Cache
-from proxy.metadata import Metadata
+from proxy.cache import Cache, open_cache
 from proxy.metrics import Metrics
 from proxy.settings import ConfigError, Settings
-from proxy.store import BlobStore
-from proxy.upstream import UpstreamClient
 
 from .config import SyncConfig, load_sync_config
 from .endpoints import Endpoints
 from .worker import EntryResult, Worker
 
-__all__ = ["once", "open_cache", "summary"]
+__all__ = ["once", "summary"]
 
 Print = Callable[[str], None]
-
-
-@asynccontextmanager
-async def open_cache(settings: Settings, metrics: Metrics) -> AsyncIterator[Cache]:
-    """The cache of the data directory, for a command that runs beside (or without) the
-    server; SQLite in WAL mode lets both use the database."""
-    store = BlobStore(settings.storage_root)
-    metadata = Metadata(store.root / "metadata.db")
-    await metadata.open()
-    upstreams = {
-        name: UpstreamClient(
-            upstream,
-            connect_timeout=settings.upstream_connect_timeout,
-            read_timeout=settings.upstream_read_timeout,
-            metrics=metrics,
-        )
-        for name, upstream in settings.upstreams.items()
-    }
-    cache = Cache(settings, store, metadata, upstreams, metrics)
-    try:
-        yield cache
-    finally:
-        await cache.close()
-        for client in upstreams.values():
-            await client.close()
-        await metadata.close()
 
 
 def summary(results: list[EntryResult]) -> list[str]:
