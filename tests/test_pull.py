@@ -354,3 +354,32 @@ def test_podman_pulls_by_name_and_as_docker_hub_mirror(
         e for e in proxy.access_log() if e["path"] == "/v2/library/busybox/manifests/latest"
     ]
     assert mirrored and mirrored[0]["status"] == 200
+
+
+def test_referrers_pass_through_with_the_artifact_type_filter(
+    tmp_path: Path, start_proxy: StartProxy
+) -> None:
+    image = write_layout(tmp_path / "layout", "v1", None, [1000], seed=12)
+    signature = {
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": "sha256:" + "5" * 64,
+        "size": 123,
+        "artifactType": "application/vnd.dev.cosign.signature",
+    }
+    sbom = {**signature, "digest": "sha256:" + "6" * 64, "artifactType": "application/spdx+json"}
+    with StandIn(image, "signed/app") as standin:
+        standin.referrers = [signature, sbom]
+        proxy = start_proxy(one_upstream(standin))
+        base = f"/v2/test.local/signed/app/referrers/{image.digest}"
+
+        status, headers, body = proxy.get(base)
+        assert status == 200
+        assert headers["Content-Type"] == "application/vnd.oci.image.index.v1+json"
+        assert json.loads(body)["manifests"] == [signature, sbom]
+
+        status, headers, body = proxy.get(f"{base}?artifactType=application/spdx%2Bjson")
+        assert json.loads(body)["manifests"] == [sbom]
+        assert headers["OCI-Filters-Applied"] == "artifactType"
+
+        status, _, body = proxy.get("/v2/test.local/signed/app/referrers/sha256:nothex")
+        assert (status, json.loads(body)["errors"][0]["code"]) == (400, "DIGEST_INVALID")

@@ -10,6 +10,7 @@ Everything else in the tests talks to real distribution.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,7 @@ from types import TracebackType
 
 from aiohttp import web
 
-from tests.support.images import Image
+from tests.support.images import OCI_INDEX, Image
 from tests.support.ports import free_port
 
 
@@ -39,6 +40,8 @@ class StandIn:
         """(path, Authorization header or None) of every request, in order."""
         self.challenge: str | None = None
         """A `WWW-Authenticate` to answer every request that has no `Authorization` with."""
+        self.referrers: list[dict[str, object]] = []
+        """Descriptors the referrers API lists for any subject."""
         self.blob_redirect: str | None = None
         """A base URL that blob GETs are redirected to (same path)."""
         self._loop = asyncio.new_event_loop()
@@ -70,6 +73,15 @@ class StandIn:
             headers["RateLimit-Limit"] = "100;w=21600"
             headers["RateLimit-Remaining"] = f"{remaining};w=21600"
         return web.Response(body=data, headers=headers)
+
+    async def _referrers(self, request: web.Request) -> web.Response:
+        """An OCI 1.1 referrers index of `referrers`, filtered by `artifactType` if asked."""
+        wanted = request.query.get("artifactType")
+        descriptors = [d for d in self.referrers if wanted in (None, d.get("artifactType"))]
+        headers = {"OCI-Filters-Applied": "artifactType"} if wanted else {}
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
+        headers["Content-Type"] = OCI_INDEX
+        return web.Response(body=json.dumps(index).encode(), headers=headers)
 
     async def _token(self, request: web.Request) -> web.Response:
         return web.json_response({"token": "standin-token", "expires_in": 300})
@@ -106,6 +118,7 @@ class StandIn:
         app.router.add_get("/token", self._token)
         app.router.add_get(f"/v2/{self.repo}/manifests/{{reference}}", self._manifest)
         app.router.add_get(f"/v2/{self.repo}/blobs/{{digest}}", self._blob)
+        app.router.add_get(f"/v2/{self.repo}/referrers/{{digest}}", self._referrers)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
