@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 from pathlib import Path
@@ -383,3 +384,33 @@ def test_referrers_pass_through_with_the_artifact_type_filter(
 
         status, _, body = proxy.get("/v2/test.local/signed/app/referrers/sha256:nothex")
         assert (status, json.loads(body)["errors"][0]["code"]) == (400, "DIGEST_INVALID")
+
+
+def test_pull_secret_credentials_and_ignored_registries(
+    tmp_path: Path, basic_upstream: Registry, start_proxy: StartProxy
+) -> None:
+    image = write_layout(tmp_path / "layout", "v1", None, [20_000], seed=13)
+    push(image, basic_upstream.host, "private/app", creds=CREDS)
+    secret = tmp_path / "pull-secret.json"
+    auth = base64.b64encode(CREDS.encode()).decode()
+    secret.write_text(
+        json.dumps(
+            {
+                "auths": {
+                    "test.local": {"auth": auth},
+                    "cloud.openshift.com": {"auth": auth},
+                    "mirror.example": {"auth": auth},
+                }
+            }
+        )
+    )
+    ignored = "cloud.openshift.com mirror.example"
+    env = {"PULL_SECRET": str(secret), "IGNOREREGISTRYLIST": ignored}
+    proxy = start_proxy(one_upstream(basic_upstream), env=env)
+
+    skopeo.copy(f"docker://{proxy.host}/test.local/private/app:v1", f"dir:{tmp_path / 'out'}")
+    assert_same_image(skopeo.read_dir_copy(tmp_path / "out"), image)
+    for host in ignored.split():
+        status, _, body = proxy.get(f"/v2/{host}/x/manifests/latest")
+        assert (status, json.loads(body)["errors"][0]["code"]) == (404, "NAME_UNKNOWN")
+    assert "wonderland" not in proxy.log()
