@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from proxy.sync.retention import to_retire
 from proxy.sync.schedule import Cron, Every, parse_schedule
 from proxy.sync.template import Template, TemplateError
 from proxy.sync.worker import Worker
-from tests.conftest import CREDS
+from tests.conftest import CREDS, StartProxy
 from tests.support import skopeo
 from tests.support.images import Image, push, write_layout
 from tests.support.proxy import Proxy
@@ -571,3 +572,38 @@ sync:
     backups = tags(target, "library/alpine") - {"latest", "3", "3.13", "3.14"}
     assert len(backups) == 1 and backups <= {f"bkup-3-{d:%Y%m%d}" for d in days}
     assert digest(f"{local}/library/alpine:{backups.pop()}") == alpine3.digest
+
+
+def test_the_server_runs_its_sync_entries(
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
+) -> None:
+    mirrored = image(tmp_path, "mirrored", 13)
+    push(mirrored, upstream.host, "mirrored", "v1")
+    sync_file = tmp_path / "sync.yml"
+    sync_file.write_text(
+        yaml.safe_dump(
+            {
+                "version": 1,
+                "defaults": {"interval": "1h"},
+                "sync": [{"source": "test.local/mirrored:v1", "type": "image", "pin": True}],
+            }
+        )
+    )
+    proxy = start_proxy(
+        {
+            "upstreams": [{"name": "test.local", "url": upstream.url}],
+            "default_upstream": "test.local",
+            "sync": {"config": str(sync_file)},
+        }
+    )
+
+    # The server's first pass copies what is missing, without any client asking.
+    deadline = time.monotonic() + 30
+    while not {b.removeprefix("sha256:") for b in mirrored.blobs} <= blob_files(proxy.data):
+        assert time.monotonic() < deadline, proxy.log()[-2000:]
+        time.sleep(0.1)
+    upstream.stop()
+    skopeo.copy(f"docker://{proxy.host}/test.local/mirrored:v1", f"dir:{tmp_path / 'out'}")
+    assert skopeo.read_dir_copy(tmp_path / "out").digest == mirrored.digest
+    entry = "test.local/mirrored:v1 -> cache/test.local/mirrored:v1"
+    assert proxy.metric("sync_runs_total", f'entry="{entry}",result="ok"') == 1
