@@ -16,6 +16,7 @@ from typing import Final
 
 from proxy.manifest import Manifest
 
+from .progress import SILENT, Progress, short
 from .remote import Remote
 
 __all__ = ["CopyStats", "ImageCopier", "MountHints", "children", "platform_of"]
@@ -90,12 +91,14 @@ class ImageCopier:
         target: Remote,
         target_repository: str,
         hints: MountHints,
+        progress: Progress = SILENT,
     ) -> None:
         self.source = source
         self.source_repository = source_repository
         self.target = target
         self.target_repository = target_repository
         self.hints = hints
+        self.progress = progress
         self.stats = CopyStats()
 
     async def copy(self, digest: str, tag: str | None, platforms: Iterable[str] = ()) -> CopyStats:
@@ -115,7 +118,8 @@ class ImageCopier:
             if is_index:
                 await self._copy_manifest(digest)
             elif not any(word in str(descriptor.get("mediaType", "")) for word in _FOREIGN):
-                await self._copy_blob(digest)
+                size = descriptor.get("size")
+                await self._copy_blob(digest, size if isinstance(size, int) else None)
 
     async def _copy_manifest(self, digest: str) -> None:
         if await self.target.head_manifest(self.target_repository, digest) is not None:
@@ -125,7 +129,7 @@ class ImageCopier:
         await self.target.put_manifest(self.target_repository, digest, manifest)
         self.stats.manifests += 1
 
-    async def _copy_blob(self, digest: str) -> None:
+    async def _copy_blob(self, digest: str, size: int | None) -> None:
         registry = self.target.name
         if await self.target.has_blob(self.target_repository, digest):
             self.stats.blobs_skipped += 1
@@ -133,8 +137,9 @@ class ImageCopier:
             self.stats.blobs_mounted += 1
         else:
             async with self.source.blob_stream(self.source_repository, digest) as chunks:
+                tracked = self.progress.track(short(digest), size, chunks)
                 self.stats.bytes += await self.target.upload(
-                    self.target_repository, digest, chunks, CHUNK_SIZE
+                    self.target_repository, digest, tracked, CHUNK_SIZE
                 )
             self.stats.blobs_copied += 1
             log.debug("copied blob %s to %s/%s", digest, registry, self.target_repository)

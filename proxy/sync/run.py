@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from proxy.settings import ConfigError, Settings
 
 from .config import SyncConfig, load_sync_config
 from .endpoints import Endpoints
+from .progress import Progress, on_terminal
 from .worker import EntryResult, Worker
 
 __all__ = ["once", "summary"]
@@ -57,11 +59,12 @@ async def once(
         raise ConfigError("no sync configuration: set sync.config (SYNC_CONFIG) or --sync-config")
     config: SyncConfig = load_sync_config(path)
     metrics = Metrics()
-    if any(entry.to_cache for entry in config.entries):
-        async with open_cache(settings, metrics) as cache:
-            results = await _run(settings, config, metrics, cache, dry_run, missing)
-    else:
-        results = await _run(settings, config, metrics, None, dry_run, missing)
+    with on_terminal(sys.stderr) as progress:
+        if any(entry.to_cache for entry in config.entries):
+            async with open_cache(settings, metrics) as cache:
+                results = await _run(settings, config, metrics, cache, dry_run, missing, progress)
+        else:
+            results = await _run(settings, config, metrics, None, dry_run, missing, progress)
     for line in summary(results):
         out(line)
     return 0 if all(result.ok for result in results) else 1
@@ -74,11 +77,12 @@ async def _run(
     cache: Cache | None,
     dry_run: bool,
     missing: bool,
+    progress: Progress,
 ) -> list[EntryResult]:
     endpoints = Endpoints(settings, config, metrics, cache)
     try:
         metadata = cache.metadata if cache is not None else None
-        worker = Worker(config, endpoints, metrics, metadata, dry_run=dry_run)
+        worker = Worker(config, endpoints, metrics, metadata, dry_run=dry_run, progress=progress)
         return await worker.run_all(missing)
     finally:
         await endpoints.close()

@@ -22,6 +22,7 @@ from proxy.reference import Digest, Target
 from proxy.store import BlobStore
 
 from .copy import ImageCopier, MountHints, children
+from .progress import SILENT, Progress, short
 from .refs import Ref, parse_ref
 from .remote import Remote
 
@@ -40,7 +41,13 @@ class Destination(Protocol):
     async def tags(self) -> list[str]: ...
 
     async def copy(
-        self, source: Remote, repository: str, digest: str, tag: str, platforms: Iterable[str]
+        self,
+        source: Remote,
+        repository: str,
+        digest: str,
+        tag: str,
+        platforms: Iterable[str],
+        progress: Progress = SILENT,
     ) -> int: ...
 
     async def backup(self, tag: str, digest: str, name: str) -> str: ...
@@ -104,9 +111,15 @@ class RegistryDestination:
             return []
 
     async def copy(
-        self, source: Remote, repository: str, digest: str, tag: str, platforms: Iterable[str]
+        self,
+        source: Remote,
+        repository: str,
+        digest: str,
+        tag: str,
+        platforms: Iterable[str],
+        progress: Progress = SILENT,
     ) -> int:
-        copier = ImageCopier(source, repository, self.remote, self.repository, self.hints)
+        copier = ImageCopier(source, repository, self.remote, self.repository, self.hints, progress)
         return (await copier.copy(digest, tag, platforms)).bytes
 
     async def backup(self, tag: str, digest: str, name: str) -> str:
@@ -186,26 +199,34 @@ class CacheDestination:
         return await self.cache.metadata.tags(self.target.upstream, self.target.repository)
 
     async def copy(
-        self, source: Remote, repository: str, digest: str, tag: str, platforms: Iterable[str]
+        self,
+        source: Remote,
+        repository: str,
+        digest: str,
+        tag: str,
+        platforms: Iterable[str],
+        progress: Progress = SILENT,
     ) -> int:
         """Fetch the image through the cache (what it holds already is not fetched again)."""
-        fetched = await self._fetch(Digest.parse(digest), tuple(platforms))
+        fetched = await self._fetch(Digest.parse(digest), tuple(platforms), progress)
         await self._set_tag(tag, digest)
         return fetched
 
-    async def _fetch(self, digest: Digest, platforms: tuple[str, ...]) -> int:
+    async def _fetch(self, digest: Digest, platforms: tuple[str, ...], progress: Progress) -> int:
         manifest = await self.cache.manifest(self.target, digest, ACCEPT_ALL)
         fetched = len(manifest.data) if manifest.fetched else 0
         is_index = "manifests" in json.loads(manifest.data)
         for descriptor in children(manifest, platforms):
             child = Digest.parse(str(descriptor.get("digest")))
             if is_index:
-                fetched += await self._fetch(child, ())
+                fetched += await self._fetch(child, (), progress)
                 continue
             blob = self.cache.blob(self.target, child)
             if isinstance(blob, LocalBlob):
                 continue
-            async for chunk in blob.read():
+            size = descriptor.get("size")
+            total = size if isinstance(size, int) else None
+            async for chunk in progress.track(short(str(child)), total, blob.read()):
                 fetched += len(chunk)
         return fetched
 

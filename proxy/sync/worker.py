@@ -23,6 +23,7 @@ from .config import Entry, SyncConfig
 from .copy import children, platform_of
 from .endpoints import Endpoints
 from .filters import select
+from .progress import SILENT, Progress, labelled
 from .refs import CacheRef
 from .remote import Head, Remote
 from .retention import to_retire
@@ -78,6 +79,7 @@ class Worker:
         *,
         dry_run: bool = False,
         sleep: Sleep = asyncio.sleep,
+        progress: Progress = SILENT,
     ) -> None:
         self.config = config
         self.endpoints = endpoints
@@ -85,6 +87,7 @@ class Worker:
         self.metadata = metadata
         self.dry_run = dry_run
         self.sleep = sleep
+        self.progress = progress
         self._slots = asyncio.Semaphore(config.parallel)
 
     async def run_all(self, missing: bool = False) -> list[EntryResult]:
@@ -233,7 +236,12 @@ class Worker:
         started = time.monotonic()
         event("sync.copy", entry=entry.name, ref=reference, digest=digest)
         copied = await destination.copy(
-            source, entry.source.repository, digest, target_tag, entry.platforms
+            source,
+            entry.source.repository,
+            digest,
+            target_tag,
+            entry.platforms,
+            labelled(self.progress, reference),
         )
         result.copied += 1
         result.bytes += copied
