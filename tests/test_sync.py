@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import datetime
+import errno
+import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
+import pty
+import re
+import select as select_module
+import struct
 import subprocess
 import sys
+import termios
 import time
+import tty
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +32,7 @@ from proxy.settings import ConfigError, load_settings
 from proxy.sync.config import RATE_LIMIT_RETRY_MIN, Retention, load_sync_config
 from proxy.sync.endpoints import Endpoints
 from proxy.sync.filters import SemverRange, TagFilter, Version, anchored, select
+from proxy.sync.progress import SILENT, Bars
 from proxy.sync.retention import to_retire
 from proxy.sync.schedule import Cron, Every, parse_schedule
 from proxy.sync.template import Template, TemplateError
@@ -66,14 +77,14 @@ def digest(ref: str, creds: str | None = None) -> str:
     return "sha256:" + hashlib.sha256(skopeo.inspect_raw(f"docker://{ref}", creds)).hexdigest()
 
 
-def sync(
+def sync_command(
     workdir: Path,
     cache_config: dict[str, Any],
     sync_config: dict[str, Any] | str,
     *args: str,
     env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """`registry-cache --config ... sync --sync-config ... <args>` as an operator runs it."""
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of `registry-cache ... sync ... <args>`."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "registry-cache.yml"
     if not config.exists():
@@ -88,24 +99,72 @@ def sync(
         k: v for k, v in os.environ.items() if not k.startswith(("REGISTRY_", "CLEANER_", "SYNC_"))
     }
     environment.update(env or {})
+    command = [
+        sys.executable,
+        "-m",
+        "proxy.cli",
+        "--config",
+        str(config),
+        "sync",
+        "--sync-config",
+        str(sync_path),
+        *args,
+    ]
+    return command, environment
+
+
+def sync(
+    workdir: Path,
+    cache_config: dict[str, Any],
+    sync_config: dict[str, Any] | str,
+    *args: str,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`registry-cache --config ... sync --sync-config ... <args>` as an operator runs it."""
+    command, environment = sync_command(workdir, cache_config, sync_config, *args, env=env)
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "proxy.cli",
-            "--config",
-            str(config),
-            "sync",
-            "--sync-config",
-            str(sync_path),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=120,
-        check=False,
+        command, capture_output=True, text=True, env=environment, timeout=120, check=False
     )
+
+
+def sync_on_terminal(
+    workdir: Path, cache_config: dict[str, Any], sync_config: dict[str, Any], *args: str
+) -> tuple[int, str, str]:
+    """`sync` with stderr on a pseudo-terminal (raw, 100 columns, so what the program wrote is
+    what we read): exit status, stdout, and the terminal's output."""
+    command, environment = sync_command(workdir, cache_config, sync_config, *args)
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=slave, env=environment, text=True
+        ) as process:
+            os.close(slave)
+            slave = -1
+            screen = bytearray()
+            deadline = time.monotonic() + 120
+            while True:  # until EOF: every copy of the slave side closed, i.e. the CLI exited
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, screen.decode(errors="replace")[-2000:]
+                readable, _, _ = select_module.select([master], [], [], remaining)
+                if not readable:
+                    continue
+                try:
+                    data = os.read(master, 65536)
+                except OSError as error:  # Linux reports the closed slave side as EIO
+                    if error.errno != errno.EIO:
+                        raise
+                    break
+                if not data:
+                    break
+                screen += data
+            stdout, _ = process.communicate(timeout=30)
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    return process.returncode, stdout, screen.decode()
 
 
 def plain(registry: Registry, name: str | None = None) -> dict[str, str]:
@@ -607,3 +666,82 @@ def test_the_server_runs_its_sync_entries(
     assert skopeo.read_dir_copy(tmp_path / "out").digest == mirrored.digest
     entry = "test.local/mirrored:v1 -> cache/test.local/mirrored:v1"
     assert proxy.metric("sync_runs_total", f'entry="{entry}",result="ok"') == 1
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+
+def progress_config(upstream: Registry, target: Registry, name: str) -> dict[str, Any]:
+    """One entry into a registry, one into the cache: both ways of copying a blob."""
+    return {
+        "creds": [plain(upstream), plain(target)],
+        "sync": [
+            {"source": f"{upstream.host}/big:v1", "target": f"{target.host}/{name}:v1"},
+            {"source": "test.local/big:v1", "type": "image"},
+        ],
+    }
+
+
+def test_progress_bars_on_a_terminal_and_none_in_a_pipe(
+    tmp_path: Path, upstream: Registry, target: Registry
+) -> None:
+    big = write_layout(tmp_path / "layout-big", "big", None, [2 * 1024 * 1024], seed=14)
+    push(big, upstream.host, "big", "v1")
+    [layer] = big.layers
+    short = layer.removeprefix("sha256:")[:12]
+    cache = {
+        "upstreams": [{"name": "test.local", "url": upstream.url}],
+        "default_upstream": "test.local",
+    }
+
+    status, stdout, screen = sync_on_terminal(
+        tmp_path / "tty", cache, progress_config(upstream, target, "tty"), "once"
+    )
+    assert status == 0, stdout + screen
+    assert digest(f"{target.host}/tty:v1") == big.digest
+    # Each copy's last drawing ends its line: 100% of the layer, labelled with its reference.
+    finished = [line for line in re.split(r"[\r\n]", screen) if short in line and "100%" in line]
+    assert any(f"{upstream.host}/big:v1 {short}" in line for line in finished), screen
+    assert any(f"test.local/big:v1 {short}" in line for line in finished), screen
+    assert all("[" + "#" * 24 + "]" in line and "MiB / " in line for line in finished)
+    assert re.search(rf"\r[^\r\n]*{short}[^\r\n]*100% \[#+\]\x1b\[K\n", screen), screen
+    drawn = [line.removesuffix("\x1b[K") for line in re.split(r"[\r\n]", screen)]
+    assert max(len(line) for line in drawn if short in line) <= 100  # never wraps
+    assert "ENTRY" in stdout and "\r" not in stdout  # the summary stays plain
+
+    piped = sync(tmp_path / "pipe", cache, progress_config(upstream, target, "pipe"), "once")
+    assert piped.returncode == 0, piped.stdout + piped.stderr
+    assert digest(f"{target.host}/pipe:v1") == big.digest
+    assert "\r" not in piped.stderr and "\x1b" not in piped.stderr
+    assert short not in piped.stderr.replace(layer, "")  # no bars, only whole digests in logs
+    assert piped.stderr.count('"event": "sync.copied"') == 2
+
+
+async def test_bars_redraw_at_most_once_an_interval() -> None:
+    """A copy of a thousand chunks within one interval draws twice: first chunk and last."""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    now = [0.0]
+    terminal = Terminal()
+    bars = Bars(terminal, interval=0.1, clock=lambda: now[0])
+
+    async def chunks(count: int, step: float) -> AsyncIterator[bytes]:
+        for _ in range(count):
+            now[0] += step
+            yield b"x" * 1024
+
+    copied = [c async for c in bars.track("ref abc", 1024 * 1000, chunks(1000, 2**-20))]
+    assert len(copied) == 1000
+    assert terminal.getvalue().count("\r") == 2
+    assert terminal.getvalue().endswith("1000 KiB / 1000 KiB 100% [" + "#" * 24 + "]\x1b[K\n")
+    now[0] = 0.0
+    terminal = Terminal()
+    bars = Bars(terminal, interval=0.125, clock=lambda: now[0])
+    slow = [c async for c in bars.track("ref def", None, chunks(10, 0.0625))]
+    assert len(slow) == 10
+    assert terminal.getvalue().count("\r") == 5 + 1  # every other chunk, then the end
+    untouched = chunks(1, 0)
+    assert SILENT.track("x", 1, untouched) is untouched
