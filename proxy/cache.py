@@ -14,11 +14,12 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
+import aiohttp
 from yarl import URL
 
 from . import errors
@@ -213,12 +214,11 @@ class Cache:
     async def _head_manifest_digest(
         self, target: Target, tag: Tag, accept: tuple[str, ...]
     ) -> Digest | None:
-        upstream = self.upstreams[target.upstream]
         headers = {"Accept": ", ".join(accept or ACCEPT_ALL)}
-        async with upstream.open(
+        async with self._request(
+            target,
             "HEAD",
-            f"{target.repository}/manifests/{tag}",
-            repository=target.repository,
+            f"manifests/{tag}",
             headers=headers,
         ) as response:
             header = response.headers.get("Docker-Content-Digest")
@@ -235,12 +235,11 @@ class Cache:
         expected: Digest | None = None,
     ) -> Manifest:
         """GET a manifest from the upstream, verify it and store it."""
-        upstream = self.upstreams[target.upstream]
         headers = {"Accept": ", ".join(accept)}
-        async with upstream.open(
+        async with self._request(
+            target,
             "GET",
-            f"{target.repository}/manifests/{reference}",
-            repository=target.repository,
+            f"manifests/{reference}",
             headers=headers,
         ) as response:
             data = await read_body(response, MAX_MANIFEST_SIZE)
@@ -277,6 +276,15 @@ class Cache:
                 status=502,
             )
         return actual
+
+    def _request(
+        self, target: Target, method: str, path: str, **options: Any
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        """A request to the target's upstream for `<repository>/<path>`."""
+        client = self.upstreams[target.upstream]
+        return client.open(
+            method, f"{target.repository}/{path}", repository=target.repository, **options
+        )
 
     def _warn_stale(self, upstream: str, exc: Exception) -> None:
         now = time.monotonic()
@@ -316,11 +324,8 @@ class Cache:
         download = self.downloads.get(digest)
         if download is not None and download.size is not None:
             return download.size
-        upstream = self.upstreams[target.upstream]
         try:
-            async with upstream.open(
-                "HEAD", f"{target.repository}/blobs/{digest}", repository=target.repository
-            ) as response:
+            async with self._request(target, "HEAD", f"blobs/{digest}") as response:
                 return response.content_length
         except UpstreamError as exc:
             raise upstream_failure(exc, errors.BLOB_UNKNOWN) from None
@@ -329,12 +334,9 @@ class Cache:
 
     async def tags(self, target: Target, n: int | None, last: str | None) -> Page:
         """The upstream's tag list, or the tags we know when the upstream is unreachable."""
-        upstream = self.upstreams[target.upstream]
         params = {key: str(value) for key, value in (("n", n), ("last", last)) if value is not None}
         try:
-            async with upstream.open(
-                "GET", f"{target.repository}/tags/list", repository=target.repository, params=params
-            ) as response:
+            async with self._request(target, "GET", "tags/list", params=params) as response:
                 document = json.loads(await read_body(response, MAX_MANIFEST_SIZE))
                 link = response.headers.get("Link")
         except UpstreamError as exc:
@@ -360,13 +362,12 @@ class Cache:
         self, target: Target, digest: Digest, artifact_type: str | None
     ) -> tuple[bytes, Mapping[str, str]]:
         """The upstream's referrers index, passed through with its filter header."""
-        upstream = self.upstreams[target.upstream]
         params = {"artifactType": artifact_type} if artifact_type else None
         try:
-            async with upstream.open(
+            async with self._request(
+                target,
                 "GET",
-                f"{target.repository}/referrers/{digest}",
-                repository=target.repository,
+                f"referrers/{digest}",
                 params=params,
             ) as response:
                 body = await read_body(response, MAX_MANIFEST_SIZE)
