@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,11 +80,13 @@ def _admin(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    asyncio.run(_run_server(settings))
+    # Unusable certificates stop start-up (a ConfigError) before anything is opened.
+    ssl_context = server_context(settings.tls) if settings.tls else None
+    asyncio.run(_run_server(settings, ssl_context))
     return 0
 
 
-async def _run_server(settings: Settings) -> None:
+async def _run_server(settings: Settings, ssl_context: ssl.SSLContext | None) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and let running transfers finish,
     up to the drain timeout. (web.run_app does the same, but hides the server we need to
     hook the per-address connection cap into.)"""
@@ -97,7 +100,6 @@ async def _run_server(settings: Settings) -> None:
     await runner.setup()
     assert runner.server is not None
     ConnectionLimiter(settings.max_connections_per_address).install(runner.server)
-    ssl_context = server_context(settings.tls) if settings.tls else None
     site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
