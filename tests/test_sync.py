@@ -743,5 +743,17 @@ async def test_bars_redraw_at_most_once_an_interval() -> None:
     slow = [c async for c in bars.track("ref def", None, chunks(10, 0.0625))]
     assert len(slow) == 10
     assert terminal.getvalue().count("\r") == 5 + 1  # every other chunk, then the end
+
+    # A log line mid-copy first erases the partly drawn bar; a finished bar is left alone.
+    terminal = Terminal()
+    bars = Bars(terminal, clock=lambda: now[0])
+    stream = bars.track("ref ghi", 2048, chunks(2, 1.0))
+    await anext(stream)
+    bars.clear()
+    assert terminal.getvalue().endswith("\r\x1b[K")
+    assert [c async for c in stream] == [b"x" * 1024]
+    drawn = terminal.getvalue()
+    bars.clear()
+    assert terminal.getvalue() == drawn and drawn.endswith("100% [" + "#" * 24 + "]\x1b[K\n")
     untouched = chunks(1, 0)
     assert SILENT.track("x", 1, untouched) is untouched
