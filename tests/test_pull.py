@@ -414,3 +414,40 @@ def test_pull_secret_credentials_and_ignored_registries(
         status, _, body = proxy.get(f"/v2/{host}/x/manifests/latest")
         assert (status, json.loads(body)["errors"][0]["code"]) == (404, "NAME_UNKNOWN")
     assert "wonderland" not in proxy.log()
+
+
+def test_containerd_mirrors_two_registries_through_one_cache(
+    tmp_path: Path, upstream: Registry, basic_upstream: Registry, start_proxy: StartProxy
+) -> None:
+    from tests.support.containerd import Containerd
+
+    alpine = write_layout(tmp_path / "alpine", "latest", None, [30_000], seed=14)
+    hello = write_layout(tmp_path / "hello", "latest", None, [40_000], seed=15)
+    push(alpine, upstream.host, "library/alpine")
+    push(hello, basic_upstream.host, "podman/hello", creds=CREDS)
+    proxy = start_proxy(
+        {
+            "upstreams": [
+                {"name": "docker.io", "url": upstream.url},
+                {
+                    "name": "quay.io",
+                    "url": basic_upstream.url,
+                    "username": "alice",
+                    "password": "wonderland",
+                },
+            ]
+        }
+    )
+    with Containerd(tmp_path / "containerd") as containerd:
+        containerd.mirror("docker.io", proxy.host)
+        containerd.mirror("quay.io", proxy.host)
+        for reference, image in (
+            ("docker.io/library/alpine:latest", alpine),
+            ("quay.io/podman/hello:latest", hello),
+        ):
+            pulled = containerd.pull(reference)
+            assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+            assert containerd.image_digest(reference) == image.digest
+    asked = {(e["path"], e["status"]) for e in proxy.access_log()}
+    assert ("/v2/library/alpine/manifests/latest", 200) in asked
+    assert ("/v2/podman/hello/manifests/latest", 200) in asked
