@@ -18,7 +18,7 @@ from typing import Final
 import aiohttp
 
 from proxy.errors import UpstreamError, UpstreamNotFound, UpstreamStatusError
-from proxy.manifest import ACCEPT_ALL, MAX_MANIFEST_SIZE, Manifest, read_manifest
+from proxy.manifest import ACCEPT_ALL, MAX_MANIFEST_SIZE, OCI_INDEX, Manifest, read_manifest
 from proxy.reference import Digest
 from proxy.upstream import RateLimit, UpstreamClient, read_body
 
@@ -120,7 +120,8 @@ class Remote:
             data = await read_body(response, MAX_MANIFEST_SIZE)
             content_type = response.headers.get("Content-Type")
             announced = response.headers.get("Docker-Content-Digest")
-        expected = reference if reference.startswith("sha") else announced
+        # A digest has a colon, a tag never does (`sha256-<hex>.sig` is a tag).
+        expected = reference if ":" in reference else announced
         algorithm = expected.split(":", 1)[0] if expected else "sha256"
         digest = Digest.of(data, algorithm)
         if expected is not None and str(digest) != expected:
@@ -156,6 +157,19 @@ class Remote:
             if not link or not listed:
                 return tags
             params = {"n": "1000", "last": listed[-1]}
+
+    async def referrers(self, repository: str, digest: str) -> list[dict[str, object]] | None:
+        """The OCI 1.1 referrers of `digest`, or None when the registry has no referrers API
+        (distribution 2.8 answers 404), which means the fallback tag is where they are."""
+        try:
+            async with self._open(
+                "GET", f"referrers/{digest}", repository, headers={"Accept": OCI_INDEX}
+            ) as response:
+                document = json.loads(await read_body(response, MAX_MANIFEST_SIZE))
+        except UpstreamNotFound:
+            return None
+        listed = document.get("manifests") if isinstance(document, dict) else None
+        return [d for d in listed or [] if isinstance(d, dict)]
 
     async def has_blob(self, repository: str, digest: str) -> bool:
         try:
