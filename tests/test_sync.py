@@ -19,6 +19,7 @@ import sys
 import termios
 import time
 import tty
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
+from proxy.manifest import OCI_INDEX, OCI_MANIFEST
 from proxy.metrics import Metrics
 from proxy.settings import ConfigError, load_settings
 from proxy.sync.config import RATE_LIMIT_RETRY_MIN, Retention, load_sync_config
@@ -396,6 +398,137 @@ def test_moved_source_tag_is_copied_again_and_the_old_one_kept_as_backup(
     assert moved.returncode == 0, moved.stdout + moved.stderr
     assert digest(f"{target.host}/app:stable") == new.digest
     assert digest(f"{target.host}/app:bak-stable") == old.digest
+
+
+def digest_tag(of: str, suffix: str = "") -> str:
+    """The cosign-style tag of a digest: `sha256-<hex><suffix>`."""
+    return of.replace(":", "-") + suffix
+
+
+def test_digest_tags_come_along_for_the_image_and_its_platforms(
+    tmp_path: Path, upstream: Registry, target: Registry
+) -> None:
+    multi = image(tmp_path, "multi", 21, platforms=True)
+    signature, attestation, stray = (image(tmp_path, n, 22 + i) for i, n in enumerate("sat"))
+    arm = multi.platform_manifests["linux/arm64"]
+    push(multi, upstream.host, "app", "v1")
+    push(signature, upstream.host, "app", digest_tag(multi.digest, ".sig"))
+    push(attestation, upstream.host, "app", digest_tag(arm, ".att"))
+    push(stray, upstream.host, "app", digest_tag(signature.digest.replace("a", "b"), ".sig"))
+    source = f"{upstream.host}/app:v1"
+    config = {
+        "creds": [plain(upstream), plain(target)],
+        "sync": [
+            {"source": source, "target": f"{target.host}/signed", "digestTags": True},
+            {"source": source, "target": f"{target.host}/bare"},
+        ],
+    }
+    done = sync(tmp_path / "c", {}, config, "once")
+    assert done.returncode == 0, done.stdout + done.stderr
+    wanted = {"v1", digest_tag(multi.digest, ".sig"), digest_tag(arm, ".att")}
+    assert tags(target, "signed") == wanted
+    assert tags(target, "bare") == {"v1"}
+    assert digest(f"{target.host}/signed:{digest_tag(multi.digest, '.sig')}") == signature.digest
+    assert digest(f"{target.host}/signed:{digest_tag(arm, '.att')}") == attestation.digest
+
+    # An up-to-date image still gets a signature added later, as with regsync.
+    push(stray, upstream.host, "app", digest_tag(multi.digest, ".sbom"))
+    again = sync(tmp_path / "c", {}, config, "once")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert tags(target, "signed") == wanted | {digest_tag(multi.digest, ".sbom")}
+
+
+def put(registry: Registry, repository: str, kind: str, data: bytes, media_type: str = "") -> str:
+    """Push a blob (`kind` "blobs") or a manifest (`kind` "manifests/<ref>") with plain HTTP; the
+    digest. A test source needs artifacts that skopeo does not make."""
+    pushed = "sha256:" + hashlib.sha256(data).hexdigest()
+    url = f"{registry.url}/v2/{repository}/{kind}"
+    if kind == "blobs":
+        start = urllib.request.Request(f"{url}/uploads/", method="POST")
+        with urllib.request.urlopen(start, timeout=10) as response:
+            location = response.headers["Location"]
+        separator = "&" if "?" in location else "?"
+        url = f"{urllib.parse.urljoin(registry.url, location)}{separator}digest={pushed}"
+    request = urllib.request.Request(url, data=data, method="PUT")
+    request.add_header("Content-Type", media_type or "application/octet-stream")
+    with urllib.request.urlopen(request, timeout=10):
+        return pushed
+
+
+def artifact(registry: Registry, repository: str, subject: Image, kind: str) -> dict[str, Any]:
+    """An OCI 1.1 artifact referring to `subject`, pushed by digest; its index descriptor."""
+    empty = put(registry, repository, "blobs", b"{}")
+    content = f"{kind} of {subject.digest}".encode()
+    layer = put(registry, repository, "blobs", content)
+    artifact_type = f"application/vnd.example.{kind}"
+    document = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+        "layers": [{"mediaType": "text/plain", "digest": layer, "size": len(content)}],
+        "subject": {
+            "mediaType": subject.media_type,
+            "digest": subject.digest,
+            "size": subject.size,
+        },
+    }
+    data = json.dumps(document).encode()
+    manifest = "sha256:" + hashlib.sha256(data).hexdigest()
+    put(registry, repository, f"manifests/{manifest}", data, OCI_MANIFEST)
+    return {
+        "mediaType": OCI_MANIFEST,
+        "digest": manifest,
+        "size": len(data),
+        "artifactType": artifact_type,
+    }
+
+
+def referrers_index(registry: Registry, repository: str, subject: str) -> list[str]:
+    """The digests the fallback tag index of `subject` lists (the referrers tag schema)."""
+    raw = skopeo.inspect_raw(f"docker://{registry.host}/{repository}:{digest_tag(subject)}")
+    return sorted(d["digest"] for d in json.loads(raw)["manifests"])
+
+
+def test_referrers_are_copied_and_listed_under_the_fallback_tag(
+    tmp_path: Path, upstream: Registry, target: Registry
+) -> None:
+    subject = image(tmp_path, "subject", 31)
+    push(subject, upstream.host, "app", "v1")
+    signature = artifact(upstream, "app", subject, "signature")
+    sbom = artifact(upstream, "app", subject, "sbom")
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [signature, sbom]}
+    put(
+        upstream,
+        "app",
+        f"manifests/{digest_tag(subject.digest)}",
+        json.dumps(index).encode(),
+        OCI_INDEX,
+    )
+    source = f"{upstream.host}/app:v1"
+    only_signatures = [{"artifactType": signature["artifactType"]}]
+    config = {
+        "creds": [plain(upstream), plain(target)],
+        "defaults": {"referrers": True},
+        "sync": [
+            {"source": source, "target": f"{target.host}/all"},
+            {"source": source, "target": f"{target.host}/some", "referrerFilters": only_signatures},
+            {"source": source, "target": f"{target.host}/none", "referrers": False},
+        ],
+    }
+    done = sync(tmp_path / "c", {}, config, "once")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not load_sync_config(tmp_path / "c" / "sync.yml").warnings
+    both = sorted([signature["digest"], sbom["digest"]])
+    assert referrers_index(target, "all", subject.digest) == both
+    assert referrers_index(target, "some", subject.digest) == [signature["digest"]]
+    assert tags(target, "none") == {"v1"}
+    for referrer in (signature, sbom):
+        copied = f"{target.host}/all@{referrer['digest']}"
+        assert digest(copied) == referrer["digest"]
+        assert json.loads(skopeo.inspect_raw(f"docker://{copied}"))["subject"]["digest"] == (
+            subject.digest
+        )
 
 
 def test_wrong_password_fails_only_its_entry(

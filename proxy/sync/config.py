@@ -21,6 +21,7 @@ import yaml
 
 from proxy.settings import ConfigError, parse_duration
 
+from .attached import ReferrerFilter
 from .filters import SemverRange, TagFilter, anchored
 from .refs import CacheRef, Ref, parse_ref, parse_target
 from .schedule import Schedule, parse_schedule
@@ -86,11 +87,11 @@ _STEP_KEYS: Final = {
     "platforms",
     "pin",
     "retention",
-}
-_STEP_IGNORED: Final = {
     "digestTags",
     "referrers",
     "referrerFilters",
+}
+_STEP_IGNORED: Final = {
     "referrerSource",
     "referrerTarget",
     "referrerSlow",
@@ -160,6 +161,9 @@ class Entry:
     media_types: tuple[str, ...] = DEFAULT_MEDIA_TYPES
     pin: bool = False
     retention: Retention | None = None
+    digest_tags: bool = False
+    referrers: bool = False
+    referrer_filters: tuple[ReferrerFilter, ...] = ()
 
     @property
     def to_cache(self) -> bool:
@@ -214,6 +218,12 @@ def _string(value: object, key: str) -> str:
 def _int(value: object, key: str, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key}: expected a whole number of at least {minimum}, got {value!r}")
+    return value
+
+
+def _bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
     return value
 
 
@@ -320,9 +330,10 @@ class _Loader:
             target_text = self._expand(target_raw, f"{key}.target", {"Sync": step})
             target = _attempt(f"{key}.target", lambda: parse_target(target_text, f"{key}.target"))
         self._check_refs(kind, source, target, key)
-        pin = setting("pin", False)
-        if not isinstance(pin, bool):
-            raise ConfigError(f"{key}.pin: expected true or false, got {pin!r}")
+        pin, digest_tags, referrers = (
+            _bool(setting(name, False), f"{key}.{name}")
+            for name in ("pin", "digestTags", "referrers")
+        )
         if pin and not isinstance(target, CacheRef):
             raise ConfigError(f"{key}.pin: only a target in the cache can be pinned")
         platform = setting("platform")
@@ -354,6 +365,11 @@ class _Loader:
             media_types=media_types,
             pin=pin,
             retention=retention,
+            digest_tags=digest_tags,
+            referrers=referrers,
+            referrer_filters=self._referrer_filters(
+                setting("referrerFilters"), f"{key}.referrerFilters"
+            ),
         )
 
     @staticmethod
@@ -406,6 +422,24 @@ class _Loader:
         minimum = _int(section.get("min", 0), f"{key}.min")
         retry = parse_duration(section.get("retry", "5m"), f"{key}.retry")
         return RateLimitPolicy(minimum, max(retry, RATE_LIMIT_RETRY_MIN))
+
+    def _referrer_filters(self, raw: object, key: str) -> tuple[ReferrerFilter, ...]:
+        filters: list[ReferrerFilter] = []
+        for i, item in enumerate(_list(raw, key)):
+            where = f"{key}[{i}]"
+            section = _mapping(item, where)
+            self._check_keys(section, {"artifactType", "annotations"}, set(), where)
+            artifact_type = section.get("artifactType")
+            annotations = section.get("annotations") or {}
+            if not isinstance(annotations, dict):
+                raise ConfigError(f"{where}.annotations: expected a mapping of names to values")
+            filters.append(
+                ReferrerFilter(
+                    _string(artifact_type, f"{where}.artifactType") if artifact_type else None,
+                    tuple((str(k), "" if v is None else str(v)) for k, v in annotations.items()),
+                )
+            )
+        return tuple(filters)
 
     def _retention(self, raw: object, key: str) -> Retention | None:
         if raw is None:

@@ -102,7 +102,11 @@ class ImageCopier:
         self.stats = CopyStats()
 
     async def copy(self, digest: str, tag: str | None, platforms: Iterable[str] = ()) -> CopyStats:
-        """Copy the manifest `digest` (and all it refers to) and point `tag` at it."""
+        """Copy the manifest `digest` (and all it refers to) and point `tag` at it; without a
+        tag (a referrer), by digest only, and not at all if the target has it."""
+        if tag is None:
+            await self._copy_manifest(digest)
+            return self.stats
         manifest = await self.source.manifest(self.source_repository, digest)
         await self._copy_children(manifest, tuple(platforms))
         await self.target.put_manifest(self.target_repository, tag or digest, manifest)

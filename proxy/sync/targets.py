@@ -16,11 +16,12 @@ from typing import Final, Protocol
 
 from proxy.cache import Cache, LocalBlob
 from proxy.errors import UpstreamError, UpstreamNotFound
-from proxy.manifest import ACCEPT_ALL, OCI_MANIFEST, Manifest
+from proxy.manifest import ACCEPT_ALL, OCI_INDEX, OCI_MANIFEST, Manifest
 from proxy.metadata import TagRecord
 from proxy.reference import Digest, Target
 from proxy.store import BlobStore
 
+from .attached import fallback_tag
 from .copy import ImageCopier, MountHints, children
 from .progress import SILENT, Progress, short
 from .refs import Ref, parse_ref
@@ -40,15 +41,26 @@ class Destination(Protocol):
 
     async def tags(self) -> list[str]: ...
 
+    async def manifest(self, digest: str) -> Manifest: ...
+
     async def copy(
         self,
         source: Remote,
         repository: str,
         digest: str,
-        tag: str,
+        tag: str | None,
         platforms: Iterable[str],
         progress: Progress = SILENT,
     ) -> int: ...
+
+    async def publish_referrers(
+        self,
+        source: Remote,
+        repository: str,
+        subject: str,
+        descriptors: list[dict[str, object]],
+        fallback: tuple[str, str] | None,
+    ) -> None: ...
 
     async def backup(self, tag: str, digest: str, name: str) -> str: ...
 
@@ -110,17 +122,50 @@ class RegistryDestination:
         except UpstreamNotFound:
             return []
 
+    async def manifest(self, digest: str) -> Manifest:
+        return await self.remote.manifest(self.repository, digest)
+
     async def copy(
         self,
         source: Remote,
         repository: str,
         digest: str,
-        tag: str,
+        tag: str | None,
         platforms: Iterable[str],
         progress: Progress = SILENT,
     ) -> int:
         copier = ImageCopier(source, repository, self.remote, self.repository, self.hints, progress)
         return (await copier.copy(digest, tag, platforms)).bytes
+
+    async def publish_referrers(
+        self,
+        source: Remote,
+        repository: str,
+        subject: str,
+        descriptors: list[dict[str, object]],
+        fallback: tuple[str, str] | None,
+    ) -> None:
+        """A target with the referrers API lists them by itself; on one without (distribution
+        2.8) clients look at the fallback tag `<alg>-<hex>`, so merge them into that index."""
+        if await self.remote.referrers(self.repository, subject) is not None:
+            return
+        tag = fallback_tag(subject)
+        listed: list[dict[str, object]] = []
+        try:
+            document = json.loads((await self.remote.manifest(self.repository, tag)).data)
+            found = document.get("manifests") if isinstance(document, dict) else None
+            listed = [d for d in found or [] if isinstance(d, dict)]
+        except UpstreamNotFound:
+            pass
+        known = {d.get("digest") for d in listed}
+        added = [d for d in descriptors if d.get("digest") not in known]
+        if not added:
+            return
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": listed + added}
+        data = json.dumps(index, separators=(",", ":")).encode()
+        await self.remote.put_manifest(
+            self.repository, tag, Manifest(Digest.of(data), OCI_INDEX, data)
+        )
 
     async def backup(self, tag: str, digest: str, name: str) -> str:
         """Copy what `tag` names to `name`: a tag of this repository, or a full reference."""
@@ -198,19 +243,39 @@ class CacheDestination:
     async def tags(self) -> list[str]:
         return await self.cache.metadata.tags(self.target.upstream, self.target.repository)
 
+    async def manifest(self, digest: str) -> Manifest:
+        return await self.cache.manifest(self.target, Digest.parse(digest), ACCEPT_ALL)
+
     async def copy(
         self,
         source: Remote,
         repository: str,
         digest: str,
-        tag: str,
+        tag: str | None,
         platforms: Iterable[str],
         progress: Progress = SILENT,
     ) -> int:
         """Fetch the image through the cache (what it holds already is not fetched again)."""
         fetched = await self._fetch(Digest.parse(digest), tuple(platforms), progress)
-        await self._set_tag(tag, digest)
+        if tag is not None:
+            await self._set_tag(tag, digest)
         return fetched
+
+    async def publish_referrers(
+        self,
+        source: Remote,
+        repository: str,
+        subject: str,
+        descriptors: list[dict[str, object]],
+        fallback: tuple[str, str] | None,
+    ) -> None:
+        """The cache passes `/referrers/` through to its upstream; what it must hold for an
+        upstream without that API is the fallback tag's index."""
+        if fallback is None:
+            return
+        tag, digest = fallback
+        await self.cache.manifest(self.target, Digest.parse(digest), ACCEPT_ALL)
+        await self._set_tag(tag, digest)
 
     async def _fetch(self, digest: Digest, platforms: tuple[str, ...], progress: Progress) -> int:
         manifest = await self.cache.manifest(self.target, digest, ACCEPT_ALL)

@@ -19,6 +19,7 @@ from proxy.errors import RegistryError, UpstreamError
 from proxy.metadata import Metadata
 from proxy.metrics import Metrics
 
+from .attached import Attachments
 from .config import Entry, SyncConfig
 from .copy import children, platform_of
 from .endpoints import Endpoints
@@ -104,8 +105,23 @@ class Worker:
             source = self.endpoints.source(entry)
             destination = self.endpoints.destination(entry)
             tags = await self._tags(entry, source)
+            attachments = (
+                Attachments(
+                    source,
+                    entry.source.repository,
+                    destination,
+                    digest_tags=entry.digest_tags,
+                    referrers=entry.referrers,
+                    filters=entry.referrer_filters,
+                )
+                if entry.digest_tags or entry.referrers
+                else None
+            )
             await asyncio.gather(
-                *(self._tag(entry, source, destination, tag, result, missing) for tag in tags)
+                *(
+                    self._tag(entry, source, destination, attachments, tag, result, missing)
+                    for tag in tags
+                )
             )
             retired = await self._retention(entry, destination, result)
             if entry.pin and not self.dry_run and self.metadata is not None:
@@ -125,6 +141,7 @@ class Worker:
         entry: Entry,
         source: Remote,
         destination: Destination,
+        attachments: Attachments | None,
         tag: str,
         result: EntryResult,
         missing: bool,
@@ -138,11 +155,16 @@ class Worker:
                 raise UpstreamError("not found at the source")
             digest = await self._wanted_digest(entry, source, tag, head)
             current = await destination.digest(target_tag)
-            if current == digest or (missing and current is not None):
+            up_to_date = current == digest
+            # As regsync: an image that is up to date still gets its attachments checked.
+            if (up_to_date and attachments is None) or (missing and current is not None):
                 result.skipped += 1
                 return
             if head.media_type and head.media_type not in entry.media_types:
                 event("sync.skip", entry=entry.name, ref=reference, media_type=head.media_type)
+                result.skipped += 1
+                return
+            if self.dry_run and up_to_date:
                 result.skipped += 1
                 return
             if self.dry_run:
@@ -153,9 +175,14 @@ class Worker:
                 return
             await self._acquire(entry, source, tag, head)
             try:
-                await self._copy(
-                    entry, source, destination, tag, target_tag, digest, current, result
-                )
+                if up_to_date:
+                    result.skipped += 1
+                else:
+                    await self._copy(
+                        entry, source, destination, tag, target_tag, digest, current, result
+                    )
+                if attachments is not None:
+                    await self._attach(entry, attachments, reference, digest, result)
             finally:
                 self._slots.release()
         except (UpstreamError, RegistryError, ValueError, OSError) as exc:
@@ -254,6 +281,27 @@ class Worker:
             bytes=copied,
             seconds=round(time.monotonic() - started, 3),
         )
+
+    async def _attach(
+        self,
+        entry: Entry,
+        attachments: Attachments,
+        reference: str,
+        digest: str,
+        result: EntryResult,
+    ) -> None:
+        """Copy the image's digest tags and referrers (`digestTags`, `referrers`)."""
+        attached = await attachments.attach(digest, entry.platforms)
+        result.bytes += attached.bytes
+        if attached.refs:
+            event(
+                "sync.attached",
+                entry=entry.name,
+                ref=reference,
+                digest=digest,
+                copied=attached.refs,
+                bytes=attached.bytes,
+            )
 
     async def _retention(
         self, entry: Entry, destination: Destination, result: EntryResult
