@@ -175,14 +175,14 @@ class Worker:
                 return
             await self._acquire(entry, source, tag, head)
             try:
-                if up_to_date:
-                    result.skipped += 1
-                else:
+                if not up_to_date:
                     await self._copy(
                         entry, source, destination, tag, target_tag, digest, current, result
                     )
                 if attachments is not None:
                     await self._attach(entry, attachments, reference, digest, result)
+                if up_to_date:
+                    result.skipped += 1  # only once its attachments did not fail it
             finally:
                 self._slots.release()
         except (UpstreamError, RegistryError, ValueError, OSError) as exc:
