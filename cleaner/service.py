@@ -134,7 +134,12 @@ class Cleaner:
         # The check above and the unlink run without yielding to the event loop, so no
         # request can start reading this file in between.
         self.store.delete(Digest.parse(victim.digest))
-        await self.metadata.remove_item(victim.digest)
+        try:
+            await self.metadata.remove_item(victim.digest)
+        except sqlite3.OperationalError as exc:
+            # The file is gone and its space free; the record goes on a later pass (or at
+            # start-up), and meanwhile a request finds no file and fetches it again.
+            log.warning("evicted %s, record kept for now: %s", victim.digest, exc)
         return True
 
     def _record(self, report: EvictionReport, seconds: float) -> None:

@@ -82,6 +82,10 @@ class DirectTransfer:
             raise upstream_failure(exc, errors.BLOB_UNKNOWN) from None
         self.size = self._response.content_length
 
+    async def close(self) -> None:
+        """Let go of the upstream response when it will not be read."""
+        await self._stack.aclose()
+
     async def read(self, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
         """Bytes `start` to `end`; the last piece only once the whole blob was verified."""
         assert self._response is not None, "wait_started() first"
@@ -106,7 +110,7 @@ class DirectTransfer:
         except UpstreamError as exc:
             raise upstream_failure(exc, errors.BLOB_UNKNOWN) from None
         finally:
-            await self._stack.aclose()
+            await self.close()
 
 
 class BlobFetcher:

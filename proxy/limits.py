@@ -55,7 +55,9 @@ class ConnectionLimiter:
             if self.open[address] > self.per_address:
                 log.warning("refusing a connection from %s: %d open", address, self.open[address])
                 transport.write(_REFUSAL)
-                transport.close()
+                # Closed once aiohttp's handler has started: closing here would run
+                # connection_lost before it, which aiohttp does not expect.
+                asyncio.get_running_loop().call_soon(transport.close)
 
         def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
             address = self._addresses.pop(handler, None)

@@ -270,7 +270,12 @@ class Routes:
         """Serve a blob while it downloads; a failure cuts the transfer short."""
         await download.wait_started()
         size = download.size
-        span = parse_range(request.headers.get("Range"), size) if size is not None else None
+        try:
+            span = parse_range(request.headers.get("Range"), size) if size is not None else None
+        except RegistryError:
+            if isinstance(download, DirectTransfer):
+                await download.close()
+            raise
         response = web.StreamResponse(status=206 if span else 200, headers=headers)
         start, end = span or (0, size)
         if span is not None and size is not None:
@@ -293,6 +298,10 @@ class Routes:
             log.warning("transfer of %s cut: %s", download.digest, exc)
             if request.transport is not None:
                 request.transport.abort()
+            return response
+        except ConnectionError:
+            # The client went away; the download goes on for the others and the cache.
+            log.debug("client left during %s", download.digest)
             return response
         await response.write_eof()
         return response
