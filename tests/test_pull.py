@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import CREDS, StartProxy
 from tests.support import skopeo
 from tests.support.images import Image, push, write_layout
+from tests.support.proxy import Proxy
 from tests.support.registry import Registry
 from tests.support.standin import StandIn, blob_files
 
@@ -237,9 +238,11 @@ def test_bad_input_gets_oci_errors_and_goes_nowhere(
     assert set(after) <= set(before)
 
 
-def test_docker_hub_mirror_mode_and_containerd_ns(
+def docker_hub_and_quay(
     tmp_path: Path, upstream: Registry, basic_upstream: Registry, start_proxy: StartProxy
-) -> None:
+) -> tuple[Proxy, Image, Image]:
+    """A cache for docker.io (anonymous) and quay.io (basic auth), each holding one image:
+    library/alpine and podman/hello."""
     alpine = write_layout(tmp_path / "alpine", "latest", None, [20_000], seed=7)
     hello = write_layout(tmp_path / "hello", "latest", None, [20_000], seed=8)
     push(alpine, upstream.host, "library/alpine")
@@ -257,6 +260,13 @@ def test_docker_hub_mirror_mode_and_containerd_ns(
             ]
         }
     )
+    return proxy, alpine, hello
+
+
+def test_docker_hub_mirror_mode_and_containerd_ns(
+    tmp_path: Path, upstream: Registry, basic_upstream: Registry, start_proxy: StartProxy
+) -> None:
+    proxy, alpine, hello = docker_hub_and_quay(tmp_path, upstream, basic_upstream, start_proxy)
     accept = {"Accept": ACCEPT_ALL}
     for path in (
         "/v2/library/alpine/manifests/latest",
@@ -421,23 +431,7 @@ def test_containerd_mirrors_two_registries_through_one_cache(
 ) -> None:
     from tests.support.containerd import Containerd
 
-    alpine = write_layout(tmp_path / "alpine", "latest", None, [30_000], seed=14)
-    hello = write_layout(tmp_path / "hello", "latest", None, [40_000], seed=15)
-    push(alpine, upstream.host, "library/alpine")
-    push(hello, basic_upstream.host, "podman/hello", creds=CREDS)
-    proxy = start_proxy(
-        {
-            "upstreams": [
-                {"name": "docker.io", "url": upstream.url},
-                {
-                    "name": "quay.io",
-                    "url": basic_upstream.url,
-                    "username": "alice",
-                    "password": "wonderland",
-                },
-            ]
-        }
-    )
+    proxy, alpine, hello = docker_hub_and_quay(tmp_path, upstream, basic_upstream, start_proxy)
     with Containerd(tmp_path / "containerd") as containerd:
         containerd.mirror("docker.io", proxy.host)
         containerd.mirror("quay.io", proxy.host)
