@@ -12,7 +12,6 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from proxy.flight import file_digest
 from proxy.metadata import ItemRecord, Metadata
 from proxy.reference import Digest
 from proxy.store import BlobStore
@@ -53,7 +52,7 @@ async def reconcile(store: BlobStore, metadata: Metadata) -> ReconcileReport:
     for digest, path in on_disk.items():
         if str(digest) in known:
             continue
-        if await asyncio.to_thread(file_digest, path, digest.algorithm) == digest.encoded:
+        if await asyncio.to_thread(store.intact, digest, path):
             size = path.stat().st_size
             await metadata.add_item(ItemRecord(str(digest), "blob", size, None), holder=None)
             report.adopted += 1

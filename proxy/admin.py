@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 import humanfriendly
 
 from cleaner.service import Cleaner
-from proxy.flight import file_digest
 from proxy.metadata import Metadata, Usage
 from proxy.settings import Settings
 from proxy.store import BlobStore
@@ -96,7 +95,7 @@ async def verify(settings: Settings, repair: bool, out: Print) -> int:
         found, _ = await asyncio.to_thread(store.scan)
         corrupt = 0
         for digest, path in sorted(found.items(), key=lambda item: str(item[0])):
-            if await asyncio.to_thread(file_digest, path, digest.algorithm) == digest.encoded:
+            if await asyncio.to_thread(store.intact, digest, path):
                 continue
             corrupt += 1
             if repair:

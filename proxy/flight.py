@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable
@@ -224,9 +223,3 @@ class BlobDownload:
         """A file on the growing download for `loop.sendfile` (its own descriptor, which
         outlives the rename into the store)."""
         return os.fdopen(os.dup(self._fd), "rb", buffering=0)
-
-
-def file_digest(path: Path, algorithm: str) -> str:
-    """Hash a file's content; blocking, run it in a thread."""
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, algorithm).hexdigest()

@@ -8,6 +8,7 @@ always complete and correct. Paths are built from validated `Digest`s only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import uuid
 from pathlib import Path
@@ -104,6 +105,11 @@ class BlobStore:
             else:
                 strays.append(path)
         return found, strays
+
+    def intact(self, digest: Digest, path: Path | None = None) -> bool:
+        """Whether the file (by default the stored one) hashes to `digest`; blocking, slow."""
+        with open(path or self.path(digest), "rb") as file:
+            return hashlib.file_digest(file, digest.algorithm).hexdigest() == digest.encoded
 
     def writable(self) -> bool:
         """Whether a file can be created in the store; blocking."""
