@@ -153,7 +153,7 @@ def _watch(metrics: Metrics, cache: Cache) -> None:
         return {
             "cache_size_bytes": cache.metadata.total_size,
             "cache_items": cache.metadata.total_items,
-            "inflight_downloads": len(cache.downloads),
+            "inflight_downloads": len(cache.fetcher.downloads),
             "ratelimit_limit": {
                 name: rate.limit for name, rate in limits.items() if rate.limit is not None
             },

@@ -21,14 +21,14 @@ from typing import Final
 import aiohttp
 
 from . import errors
-from .errors import BlobVerificationError, RegistryError, UpstreamError
+from .errors import BlobVerificationError, RegistryError, UpstreamError, upstream_failure
 from .flight import CHUNK_SIZE, BlobDownload
 from .metadata import ItemRecord, Metadata
 from .reference import Digest, Target
 from .store import BlobStore
 from .upstream import UpstreamClient
 
-__all__ = ["BlobFetcher", "DirectTransfer", "upstream_failure"]
+__all__ = ["BlobFetcher", "DirectTransfer"]
 
 log = logging.getLogger(__name__)
 
@@ -38,23 +38,6 @@ _DISK_FULL_BACKOFF: Final = 30.0
 _MAX_PARTIALS: Final = 16
 # Batches of about CHUNK_SIZE received but not yet written: memory per download is bounded.
 _PIPELINE_DEPTH: Final = 4
-
-
-def upstream_failure(exc: UpstreamError, unknown: errors.ErrorCode) -> RegistryError:
-    """What a client sees when the upstream failed and nothing cached can stand in."""
-    if isinstance(exc, errors.UpstreamNotFound):
-        return RegistryError(unknown)
-    if isinstance(exc, errors.UpstreamRateLimited):
-        headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
-        return RegistryError(errors.TOOMANYREQUESTS, str(exc), headers=headers)
-    if isinstance(exc, errors.UpstreamUnauthorized):
-        code = errors.DENIED if exc.status == 403 else errors.UNAUTHORIZED
-        return RegistryError(code, f"the upstream refused the cache's credentials: {exc}")
-    if isinstance(exc, errors.UpstreamAnswerTooLarge):
-        return RegistryError(errors.MANIFEST_INVALID, str(exc))
-    if isinstance(exc, errors.UpstreamUnavailable):
-        return RegistryError(errors.UNAVAILABLE, str(exc))
-    return RegistryError(errors.UNAVAILABLE, str(exc), status=502)
 
 
 class _Abandoned(Exception):

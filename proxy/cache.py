@@ -23,8 +23,8 @@ import aiohttp
 from yarl import URL
 
 from . import errors
-from .blobfetch import BlobFetcher, DirectTransfer, upstream_failure
-from .errors import RegistryError, UpstreamError
+from .blobfetch import BlobFetcher, DirectTransfer
+from .errors import RegistryError, UpstreamError, upstream_failure
 from .flight import BlobDownload, SingleFlight
 from .manifest import ACCEPT_ALL, MAX_MANIFEST_SIZE, Manifest, acceptable, read_manifest
 from .metadata import ItemRecord, Metadata, TagRecord
@@ -86,7 +86,6 @@ class Cache:
         self.metadata = metadata
         self.upstreams = upstreams
         self.fetcher = BlobFetcher(store, metadata, settings.cache_write_timeout)
-        self.downloads = self.fetcher.downloads
         self._manifest_flights: SingleFlight[tuple[object, ...], Manifest] = SingleFlight(
             on_join=metrics.coalesced.labels("manifest").inc
         )
@@ -107,7 +106,7 @@ class Cache:
     def in_use(self, digest: str) -> bool:
         """Whether a blob is being served or downloaded right now."""
         parsed = Digest.parse(digest)
-        return parsed in self._leases or parsed in self.downloads
+        return parsed in self._leases or parsed in self.fetcher.downloads
 
     async def readiness_problems(self) -> list[str]:
         """What keeps the cache from serving well: an unwritable store or a closed database."""
@@ -321,7 +320,7 @@ class Cache:
         local = self.local_blob(digest)
         if local is not None:
             return local.size
-        download = self.downloads.get(digest)
+        download = self.fetcher.downloads.get(digest)
         if download is not None and download.size is not None:
             return download.size
         try:

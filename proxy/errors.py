@@ -6,7 +6,7 @@ into the `{"errors": [...]}` envelope (distribution-spec, "Error Codes")::
     RegistryError            what a client sees: code + status + detail
 
 Upstream errors describe what went wrong talking to a registry; the cache decides whether a
-stale copy can stand in, and otherwise translates them with `to_registry_error`::
+stale copy can stand in, and otherwise translates them with `upstream_failure`::
 
     UpstreamError
     ├── UpstreamUnavailable      refused, timed out, 5xx, cut: serve stale if we can
@@ -50,6 +50,7 @@ __all__ = [
     "UpstreamStatusError",
     "UpstreamUnauthorized",
     "UpstreamUnavailable",
+    "upstream_failure",
 ]
 
 
@@ -143,3 +144,20 @@ class UpstreamRateLimited(UpstreamStatusError):
 
 class BlobVerificationError(Exception):
     """Content did not hash to the digest it was fetched by."""
+
+
+def upstream_failure(exc: UpstreamError, unknown: ErrorCode) -> RegistryError:
+    """What a client sees when the upstream failed and nothing cached can stand in."""
+    if isinstance(exc, UpstreamNotFound):
+        return RegistryError(unknown)
+    if isinstance(exc, UpstreamRateLimited):
+        headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+        return RegistryError(TOOMANYREQUESTS, str(exc), headers=headers)
+    if isinstance(exc, UpstreamUnauthorized):
+        code = DENIED if exc.status == 403 else UNAUTHORIZED
+        return RegistryError(code, f"the upstream refused the cache's credentials: {exc}")
+    if isinstance(exc, UpstreamAnswerTooLarge):
+        return RegistryError(MANIFEST_INVALID, str(exc))
+    if isinstance(exc, UpstreamUnavailable):
+        return RegistryError(UNAVAILABLE, str(exc))
+    return RegistryError(UNAVAILABLE, str(exc), status=502)
