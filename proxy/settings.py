@@ -33,6 +33,7 @@ __all__ = [
     "parse_duration",
     "parse_size",
     "registry_upstream",
+    "require_string",
 ]
 
 DOCKER_HUB: Final = "docker.io"
@@ -212,7 +213,7 @@ def _mapping(value: object, key: str) -> dict[str, Any]:
     return value
 
 
-def _string(value: object, key: str) -> str:
+def require_string(value: object, key: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
     return value
@@ -278,7 +279,7 @@ class _Loader:
 
     def settings(self) -> Settings:
         listen, listen_key = self._value("listen", "REGISTRY_HTTP_ADDR", "127.0.0.1:8443")
-        host, port = _split_address(_string(listen, listen_key), listen_key)
+        host, port = _split_address(require_string(listen, listen_key), listen_key)
         storage = _mapping(self.raw.get("storage", {}), "storage")
         _reject_unknown(storage, {"root"}, "storage")
         root, root_key = (
@@ -290,7 +291,9 @@ class _Loader:
         timeouts = _mapping(self.raw.get("upstream_timeouts", {}), "upstream_timeouts")
         _reject_unknown(timeouts, {"connect", "read"}, "upstream_timeouts")
         upstreams = self._upstreams(manifest_ttl)
-        default_upstream = _string(self.raw.get("default_upstream", DOCKER_HUB), "default_upstream")
+        default_upstream = require_string(
+            self.raw.get("default_upstream", DOCKER_HUB), "default_upstream"
+        )
         if default_upstream not in upstreams:
             raise ConfigError(
                 f"default_upstream: {default_upstream!r} is not a configured upstream "
@@ -300,7 +303,7 @@ class _Loader:
         return Settings(
             host=host,
             port=port,
-            storage_root=Path(_string(root, root_key)),
+            storage_root=Path(require_string(root, root_key)),
             default_upstream=default_upstream,
             manifest_ttl=manifest_ttl,
             cache_write_timeout=parse_duration(
@@ -327,7 +330,7 @@ class _Loader:
         section = _mapping(self.raw.get("sync", {}), "sync")
         _reject_unknown(section, {"config"}, "sync")
         path, key = self._section_value(section, "sync", "config", "SYNC_CONFIG")
-        return None if path is None else Path(_string(path, key))
+        return None if path is None else Path(require_string(path, key))
 
     def _log(self) -> tuple[str, str, bool]:
         """Level, format and access log; `log_level` is the older spelling of `log.level`."""
@@ -336,11 +339,13 @@ class _Loader:
         if "level" in section and "log_level" in self.raw:
             raise ConfigError("log.level and log_level: give only one")
         level_key = "log.level" if "level" in section else "log_level"
-        level = _string(section.get("level", self.raw.get("log_level", "INFO")), level_key).upper()
+        level = require_string(
+            section.get("level", self.raw.get("log_level", "INFO")), level_key
+        ).upper()
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"{level_key}: expected DEBUG, INFO, WARNING or ERROR, not {level}")
         log_format, format_key = self._section_value(section, "log", "format", "LOG_FORMAT")
-        log_format = _string(log_format or "text", format_key).lower()
+        log_format = require_string(log_format or "text", format_key).lower()
         if log_format not in {"text", "json"}:
             raise ConfigError(f"{format_key}: expected text or json, got {log_format!r}")
         access = section.get("access", True)
@@ -360,8 +365,8 @@ class _Loader:
                 raise ConfigError(f"{key_key}: a key without a certificate (set tls.cert)")
             return None
         return TlsSettings(
-            cert=Path(_string(cert, cert_key)),
-            key=None if key is None else Path(_string(key, key_key)),
+            cert=Path(require_string(cert, cert_key)),
+            key=None if key is None else Path(require_string(key, key_key)),
         )
 
     def _auth(self) -> AuthSettings | None:
@@ -382,7 +387,7 @@ class _Loader:
         realm, realm_key = self._section_value(
             htpasswd, "auth.htpasswd", "realm", "REGISTRY_AUTH_HTPASSWD_REALM"
         )
-        realm = _string(realm or "registry-cache", realm_key)
+        realm = require_string(realm or "registry-cache", realm_key)
         if not re.fullmatch(r"[\x20-\x7e]+", realm) or '"' in realm or "\\" in realm:
             raise ConfigError(f"{realm_key}: printable ASCII without quotes, got {realm!r}")
         protect_metrics = section.get("protect_metrics", False)
@@ -390,7 +395,7 @@ class _Loader:
             raise ConfigError(
                 f"auth.protect_metrics: expected true or false, got {protect_metrics!r}"
             )
-        return AuthSettings(Path(_string(path, path_key)), realm, protect_metrics)
+        return AuthSettings(Path(require_string(path, path_key)), realm, protect_metrics)
 
     def _http(self) -> dict[str, Any]:
         """Limits towards clients: shutdown drain, idle connections, connections per address."""
@@ -458,7 +463,7 @@ class _Loader:
         listed = self.raw.get("ignore_registries", [])
         if not isinstance(listed, list):
             raise ConfigError("ignore_registries: expected a list of registry names")
-        return frozenset(_string(item, "ignore_registries[]") for item in listed)
+        return frozenset(require_string(item, "ignore_registries[]") for item in listed)
 
     def _upstreams(self, manifest_ttl: float) -> dict[str, UpstreamSettings]:
         upstreams: dict[str, UpstreamSettings] = {}
@@ -476,7 +481,9 @@ class _Loader:
                 upstreams[upstream.name] = upstream
         secret, secret_key = self._value("pull_secret", "PULL_SECRET", None)
         if secret is not None:
-            for name, (user, password) in _read_pull_secret(Path(_string(secret, secret_key))):
+            for name, (user, password) in _read_pull_secret(
+                Path(require_string(secret, secret_key))
+            ):
                 known = upstreams.get(name)
                 url = known.url if known else _PUBLIC_REGISTRIES.get(name, f"https://{name}")
                 extra = known.extra_hosts if known else ()
@@ -493,9 +500,9 @@ class _Loader:
             {"name", "url", "username", "password", "manifest_ttl", "extra_hosts"},
             key,
         )
-        name = _string(section.get("name"), f"{key}.name")
+        name = require_string(section.get("name"), f"{key}.name")
         url = section.get("url") or _PUBLIC_REGISTRIES.get(name, f"https://{name}")
-        url = _string(url, f"{key}.url").rstrip("/")
+        url = require_string(url, f"{key}.url").rstrip("/")
         if not re.fullmatch(r"https?://[^/?#\s]+(?:/[^?#\s]*)?", url):
             raise ConfigError(f"{key}.url: expected an http(s) URL, got {url!r}")
         username = section.get("username")
@@ -508,10 +515,10 @@ class _Loader:
         return _make_upstream(
             name,
             url,
-            None if username is None else _string(username, f"{key}.username"),
-            None if password is None else _string(password, f"{key}.password"),
+            None if username is None else require_string(username, f"{key}.username"),
+            None if password is None else require_string(password, f"{key}.password"),
             parse_duration(section.get("manifest_ttl", manifest_ttl), f"{key}.manifest_ttl"),
-            tuple(_string(item, f"{key}.extra_hosts[]") for item in extra),
+            tuple(require_string(item, f"{key}.extra_hosts[]") for item in extra),
         )
 
 

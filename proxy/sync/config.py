@@ -19,7 +19,7 @@ from typing import Any, Final, Literal, TypeVar
 
 import yaml
 
-from proxy.settings import ConfigError, parse_duration
+from proxy.settings import ConfigError, parse_duration, require_string
 
 from .attached import ReferrerFilter
 from .filters import SemverRange, TagFilter, anchored
@@ -209,12 +209,6 @@ def _list(value: object, key: str) -> list[Any]:
     return value
 
 
-def _string(value: object, key: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
-    return value
-
-
 def _int(value: object, key: str, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key}: expected a whole number of at least {minimum}, got {value!r}")
@@ -253,7 +247,7 @@ class _Loader:
                 self.warnings.append(f"{where}.{key} is not a regsync key; ignored")
 
     def _expand(self, value: object, key: str, data: object = None) -> str:
-        text = _string(value, key)
+        text = require_string(value, key)
         return _attempt(key, lambda: Template.parse(text).render(data, env=self.env))
 
     def load(self, raw: dict[str, Any]) -> SyncConfig:
@@ -338,7 +332,7 @@ class _Loader:
             raise ConfigError(f"{key}.pin: only a target in the cache can be pinned")
         platform = setting("platform")
         platforms = tuple(
-            _string(p, f"{key}.platforms[]")
+            require_string(p, f"{key}.platforms[]")
             for p in _list(setting("platforms"), f"{key}.platforms")
         )
         backup = setting("backup")
@@ -346,19 +340,21 @@ class _Loader:
         if retention is not None and kind != "repository":
             raise ConfigError(f"{key}.retention: only a type: repository entry has tags to retire")
         media_types = tuple(
-            _string(m, f"{key}.mediaTypes[]")
+            require_string(m, f"{key}.mediaTypes[]")
             for m in _list(setting("mediaTypes", list(DEFAULT_MEDIA_TYPES)), f"{key}.mediaTypes")
         )
         return Entry(
-            name=_string(section.get("name", f"{source} -> {target}"), f"{key}.name"),
+            name=require_string(section.get("name", f"{source} -> {target}"), f"{key}.name"),
             source=source,
             target=target,
             type=kind,
             tags=self._tag_filters(section, key),
-            platform=_string(platform, f"{key}.platform") if platform is not None else None,
+            platform=require_string(platform, f"{key}.platform") if platform is not None else None,
             platforms=platforms,
             schedule=parse_schedule(setting("schedule"), setting("interval"), key),
-            backup=_attempt(f"{key}.backup", lambda: Template.parse(_string(backup, "backup")))
+            backup=_attempt(
+                f"{key}.backup", lambda: Template.parse(require_string(backup, "backup"))
+            )
             if backup
             else None,
             ratelimit=self._ratelimit(setting("ratelimit"), f"{key}.ratelimit"),
@@ -402,7 +398,7 @@ class _Loader:
         raw = _mapping(block, where)
         self._check_keys(raw, {"allow", "deny", "semverRange"}, set(), where)
         allow, deny, ranges = (
-            [_string(str(item), f"{where}.{name}[]") for item in _list(raw.get(name), where)]
+            [require_string(str(item), f"{where}.{name}[]") for item in _list(raw.get(name), where)]
             for name in ("allow", "deny", "semverRange")
         )
         return _attempt(
@@ -435,7 +431,9 @@ class _Loader:
                 raise ConfigError(f"{where}.annotations: expected a mapping of names to values")
             filters.append(
                 ReferrerFilter(
-                    _string(artifact_type, f"{where}.artifactType") if artifact_type else None,
+                    require_string(artifact_type, f"{where}.artifactType")
+                    if artifact_type
+                    else None,
                     tuple((str(k), "" if v is None else str(v)) for k, v in annotations.items()),
                 )
             )
@@ -450,7 +448,7 @@ class _Loader:
         if sort not in ("semver", "date", "name"):
             raise ConfigError(f"{key}.sort: expected semver, date or name, got {sort!r}")
         deny = [
-            _string(str(item), f"{key}.deny[]")
+            require_string(str(item), f"{key}.deny[]")
             for item in _list(section.get("deny"), f"{key}.deny")
         ]
         return Retention(
