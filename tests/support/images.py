@@ -219,36 +219,32 @@ def write_layout(
         manifests[digest] = raw
         return digest, raw
 
-    if platforms is None:
-        digest, raw = image_manifest({"architecture": "amd64", "os": "linux"}, 0)
-        writer.tag(tag, OCI_MANIFEST, digest, len(raw))
-        return Image(
-            digest=digest,
-            media_type=OCI_MANIFEST,
-            manifests=manifests,
-            blobs=blobs,
-            layout=dir,
-            tag=tag,
-            layers=layers,
-            configs=configs,
-        )
-
-    entries: list[dict[str, Any]] = []
     by_platform: dict[str, str] = {}
-    for i, (os_name, arch) in enumerate(platforms):
-        platform = _split_platform(os_name, arch)
-        digest, raw = image_manifest(platform, i)
-        by_platform[f"{os_name}/{arch}"] = digest
-        entries.append(
-            {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(raw), "platform": platform}
-        )
-    index_raw = _encode({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries})
-    index_digest = writer.put(index_raw)
-    manifests[index_digest] = index_raw
-    writer.tag(tag, OCI_INDEX, index_digest, len(index_raw))
+    if platforms is None:
+        media_type = OCI_MANIFEST
+        digest, raw = image_manifest({"architecture": "amd64", "os": "linux"}, 0)
+    else:
+        media_type = OCI_INDEX
+        entries: list[dict[str, Any]] = []
+        for i, (os_name, arch) in enumerate(platforms):
+            platform = _split_platform(os_name, arch)
+            child, child_raw = image_manifest(platform, i)
+            by_platform[f"{os_name}/{arch}"] = child
+            entries.append(
+                {
+                    "mediaType": OCI_MANIFEST,
+                    "digest": child,
+                    "size": len(child_raw),
+                    "platform": platform,
+                }
+            )
+        raw = _encode({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries})
+        digest = writer.put(raw)
+        manifests[digest] = raw
+    writer.tag(tag, media_type, digest, len(raw))
     return Image(
-        digest=index_digest,
-        media_type=OCI_INDEX,
+        digest=digest,
+        media_type=media_type,
         manifests=manifests,
         blobs=blobs,
         layout=dir,
