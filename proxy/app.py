@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -21,7 +20,7 @@ from . import errors
 from .auth import AUTH_USER, Authenticator, auth_middleware
 from .cache import Cache, open_cache
 from .errors import RegistryError
-from .logs import ACCESS_FIELDS
+from .logs import access_lines
 from .metadata import Metadata
 from .metrics import Metrics
 from .routes import API_VERSION_HEADERS, CACHE, CACHE_STATUS, Routes
@@ -80,7 +79,7 @@ class AccessLogger(AbstractAccessLogger):
             "remote": request.remote,
             "user": request.get(AUTH_USER),
         }
-        self.logger.info(json.dumps(fields), extra={ACCESS_FIELDS: fields})
+        access_lines().add(fields)
 
     @property
     def enabled(self) -> bool:

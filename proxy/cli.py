@@ -112,6 +112,7 @@ async def _run_server(settings: Settings, ssl_context: ssl.SSLContext | None) ->
         log.info("stopping: draining transfers for up to %.0fs", settings.drain_timeout)
     finally:
         await runner.cleanup()
+        logs.access_lines().flush()
 
 
 def _lighten_log_records() -> None:

@@ -6,18 +6,18 @@ next to time, level and logger, so a collector indexes them without parsing a me
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
 import sys
-from typing import Final
+import time
+from typing import Final, TextIO
 
 from .settings import Settings
 
-__all__ = ["ACCESS_FIELDS", "JsonFormatter", "configure"]
+__all__ = ["AccessLines", "JsonFormatter", "access_lines", "configure"]
 
-ACCESS_FIELDS: Final = "access_fields"
-"""The `extra` key under which the access logger passes a request's fields."""
 _TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
@@ -32,22 +32,75 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
         }
-        fields = getattr(record, ACCESS_FIELDS, None)
-        if isinstance(fields, dict):
-            entry.update(fields)
-        else:
-            entry["message"] = record.getMessage()
+        entry["message"] = record.getMessage()
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
+class AccessLines:
+    """The access log's lines, in the same two formats as every other record, written once per
+    event-loop turn: under load one write carries many requests' lines, where a `logging`
+    record per request (its object, its handler lock, its flush) was a fifth of a cached
+    manifest's cost (docs/benchmarks.md)."""
+
+    def __init__(self, stream: TextIO, json_lines: bool) -> None:
+        self._stream = stream
+        self._json_lines = json_lines
+        self._pending: list[str] = []
+        self._second = -1
+        self._stamp = ""
+
+    def add(self, fields: dict[str, object]) -> None:
+        """Queue one request's line; the first of a turn schedules the write."""
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        now = time.time()
+        if self._json_lines:
+            self._pending.append(
+                json.dumps({"time": self._time(now), "level": "INFO", "logger": _ACCESS, **fields})
+                + "\n"
+            )
+        else:
+            self._pending.append(f"{self._time(now)} INFO {_ACCESS} {json.dumps(fields)}\n")
+
+    def flush(self) -> None:
+        if self._pending:
+            self._stream.write("".join(self._pending))
+            self._pending.clear()
+            self._stream.flush()
+
+    def _time(self, now: float) -> str:
+        """The timestamp as the formatters write it; its seconds are formatted once a second."""
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            if self._json_lines:
+                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            else:
+                self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        millis = int((now - second) * 1000)
+        if self._json_lines:
+            return f"{self._stamp}.{millis:03d}+00:00"
+        return f"{self._stamp},{millis:03d}"
+
+
+_ACCESS: Final = "registry_cache.access"
+_access_lines = AccessLines(sys.stderr, json_lines=False)
+
+
+def access_lines() -> AccessLines:
+    """Where the access logger writes, as `configure` set it up."""
+    return _access_lines
+
+
 def configure(settings: Settings) -> None:
-    """The root logger's one handler and level, as `log.format` and `log.level` say."""
-    if settings.log_format == "json":
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(_TEXT_FORMAT))
+    """The root logger's one handler and level, as `log.format` and `log.level` say, and the
+    access lines' stream and format to match."""
+    global _access_lines
+    json_lines = settings.log_format == "json"
+    stream = sys.stdout if json_lines else sys.stderr
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(_TEXT_FORMAT))
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
+    _access_lines = AccessLines(stream, json_lines)

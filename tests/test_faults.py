@@ -112,7 +112,8 @@ def test_stalled_upstream_fails_waiting_clients_and_leaves_nothing_behind(
 
     wait_for(lambda: proxy.metric("inflight_downloads") == 0, "the download to be dropped")
     assert list((proxy.data / "tmp").iterdir()) == []
-    assert open_descriptors(proxy) <= baseline
+    # The server closes a finished connection's socket a moment after the client has gone.
+    wait_for(lambda: open_descriptors(proxy) <= baseline, "descriptors back to the baseline")
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import io
 import json
+import time
 
+from proxy.logs import AccessLines
 from tests.conftest import StartProxy
 from tests.support.registry import Registry
 from tests.test_pull import one_upstream
@@ -30,3 +35,25 @@ def test_access_log_can_be_turned_off(upstream: Registry, start_proxy: StartProx
     proxy.stop()
     assert proxy.access_log() == []
     assert "serving upstreams" in proxy.log()
+
+
+async def test_access_lines_are_written_once_per_loop_turn_in_the_records_formats() -> None:
+    for json_lines in (True, False):
+        stream = io.StringIO()
+        lines = AccessLines(stream, json_lines)
+        for status in (200, 404, 206):
+            lines.add({"method": "GET", "path": "/v2/", "status": status})
+        assert stream.getvalue() == ""
+        await asyncio.sleep(0)
+        written = stream.getvalue().splitlines()
+        assert len(written) == 3
+        if json_lines:
+            entries = [json.loads(line) for line in written]
+            assert [e["status"] for e in entries] == [200, 404, 206]
+            assert {e["logger"] for e in entries} == {"registry_cache.access"}
+            stamp = dt.datetime.fromisoformat(entries[0]["time"])
+        else:
+            stamp_text, _, payload = written[1].partition(" INFO registry_cache.access ")
+            assert json.loads(payload)["status"] == 404
+            stamp = dt.datetime.strptime(stamp_text, "%Y-%m-%d %H:%M:%S,%f").astimezone()
+        assert abs(stamp.timestamp() - time.time()) < 60
