@@ -17,8 +17,8 @@ from pathlib import Path
 from bench.images import seed
 from bench.plan import FULL, QUICK
 from bench.report import Results, replace_section
-from bench.servers import Baseline, Direct, HAProxy, Ours, Server
-from bench.workloads import WORKLOADS, Bench
+from bench.servers import BareAiohttp, Baseline, Direct, HAProxy, Ours, Server
+from bench.workloads import WORKLOADS, Bench, manifests
 from tests.support.registry import Registry
 
 __all__ = ["main"]
@@ -83,6 +83,7 @@ def _run(args: argparse.Namespace, results: Results, workdir: Path) -> None:
         shm = Path("/dev/shm")
         scratch = Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() else workdir
         bench = Bench(plan, images, upstream, results, workdir, scratch)
+        floor = BareAiohttp(workdir, images.small.raw, images.small.media_type)
         try:
             for run in range(runs):
                 # Alternate who goes first, so neither always meets a warmer page cache.
@@ -91,8 +92,10 @@ def _run(args: argparse.Namespace, results: Results, workdir: Path) -> None:
                     log.info("run %d/%d: %s", run + 1, runs, server.name)
                     for workload in WORKLOADS:
                         workload(bench, server)
+                floor.reset()
+                manifests(bench, floor)
         finally:
-            for server in servers:
+            for server in [*servers, floor]:
                 server.stop()
             shutil.rmtree(scratch, ignore_errors=True)
 

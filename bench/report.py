@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 __all__ = ["METRICS", "Metric", "Results", "replace_section"]
 
-SERVERS = ("direct", "baseline", "ours")
+SERVERS = ("direct", "baseline", "ours", "bare aiohttp")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 Better = Literal["lower", "higher"]
@@ -112,8 +112,8 @@ class Results:
 
     def markdown(self) -> str:
         lines = [
-            "| workload | unit | direct | baseline | ours | ours vs baseline |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| workload | unit | direct | baseline | ours | bare aiohttp | ours vs baseline |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for row in self.rows():
             cells = []

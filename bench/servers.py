@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Protocol
@@ -18,7 +19,7 @@ from tests.support.ports import free_port
 from tests.support.proxy import Proxy
 from tests.support.registry import Registry
 
-__all__ = ["Baseline", "Direct", "HAProxy", "Ours", "Server"]
+__all__ = ["BareAiohttp", "Baseline", "Direct", "HAProxy", "Ours", "Server"]
 
 
 class Server(Protocol):
@@ -61,6 +62,24 @@ class Direct:
         """The upstream outlives the run's targets; its owner stops it."""
 
 
+def _wait_listening(port: int, process: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.02)  # readiness polling, bounded by the deadline
+
+
+def _terminate(process: subprocess.Popen[bytes] | None) -> None:
+    if process is not None:
+        process.terminate()
+        process.wait(timeout=10)
+
+
 class HAProxy:
     """`haproxy` in HTTP mode with keep-alive, one backend: the old stack's front."""
 
@@ -92,21 +111,11 @@ class HAProxy:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self._process.poll() is not None:
-                    raise RuntimeError("haproxy did not start") from None
-                time.sleep(0.02)  # readiness polling, bounded by the deadline
+        _wait_listening(self.port, self._process, "haproxy")
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None:
-            process.terminate()
-            process.wait(timeout=10)
+        _terminate(process)
 
 
 class Baseline:
@@ -168,3 +177,33 @@ class Ours:
 
     def stop(self) -> None:
         self.proxy.stop()
+
+
+class BareAiohttp:
+    """`bench.bare`: one fixed manifest for every request, the floor for the manifest rows."""
+
+    name = "bare aiohttp"
+
+    def __init__(self, workdir: Path, body: bytes, media_type: str) -> None:
+        self.port = free_port()
+        self.body_path = workdir / "bare-manifest"
+        self.body_path.write_bytes(body)
+        self.media_type = media_type
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def reset(self) -> None:
+        self.stop()
+        command = [sys.executable, "-m", "bench.bare", str(self.port), str(self.body_path)]
+        self._process = subprocess.Popen([*command, self.media_type], stdin=subprocess.DEVNULL)
+        _wait_listening(self.port, self._process, "the bare aiohttp server")
+
+    def pids(self) -> list[int]:
+        return _pids(self._process.pid if self._process else None)
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        _terminate(process)

@@ -22,7 +22,7 @@ from bench.servers import Server
 from tests.support.images import OCI_INDEX, OCI_MANIFEST
 from tests.support.registry import Registry
 
-__all__ = ["WORKLOADS", "Bench"]
+__all__ = ["WORKLOADS", "Bench", "manifests"]
 
 log = logging.getLogger("bench")
 

