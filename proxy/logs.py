@@ -10,8 +10,10 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import math
 import sys
 import time
+from json.encoder import encode_basestring_ascii
 from typing import Final, TextIO
 
 from .settings import Settings
@@ -55,14 +57,12 @@ class AccessLines:
         """Queue one request's line; the first of a turn schedules the write."""
         if not self._pending:
             asyncio.get_running_loop().call_soon(self.flush)
-        now = time.time()
+        stamp = self._time(time.time())
         if self._json_lines:
-            self._pending.append(
-                json.dumps({"time": self._time(now), "level": "INFO", "logger": _ACCESS, **fields})
-                + "\n"
-            )
+            head = f'{{"time": "{stamp}", "level": "INFO", "logger": "{_ACCESS}", '
+            self._pending.append(head + _json_members(fields) + "}\n")
         else:
-            self._pending.append(f"{self._time(now)} INFO {_ACCESS} {json.dumps(fields)}\n")
+            self._pending.append(f"{stamp} INFO {_ACCESS} {{{_json_members(fields)}}}\n")
 
     def flush(self) -> None:
         if self._pending:
@@ -83,6 +83,23 @@ class AccessLines:
         if self._json_lines:
             return f"{self._stamp}.{millis:03d}+00:00"
         return f"{self._stamp},{millis:03d}"
+
+
+def _json_members(fields: dict[str, object]) -> str:
+    """`"key": value, ...` as `json.dumps` writes them, in half its time for the flat strings,
+    numbers and nulls of an access line (anything else goes to `json.dumps`)."""
+    members = []
+    for key, value in fields.items():
+        if value is None:
+            text = "null"
+        elif isinstance(value, str):
+            text = encode_basestring_ascii(value)
+        elif type(value) is int or (type(value) is float and math.isfinite(value)):
+            text = repr(value)
+        else:
+            text = json.dumps(value)
+        members.append(f"{encode_basestring_ascii(key)}: {text}")
+    return ", ".join(members)
 
 
 _ACCESS: Final = "registry_cache.access"

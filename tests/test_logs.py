@@ -8,7 +8,10 @@ import io
 import json
 import time
 
-from proxy.logs import AccessLines
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.logs import AccessLines, _json_members
 from tests.conftest import StartProxy
 from tests.support.registry import Registry
 from tests.test_pull import one_upstream
@@ -57,3 +60,19 @@ async def test_access_lines_are_written_once_per_loop_turn_in_the_records_format
             assert json.loads(payload)["status"] == 404
             stamp = dt.datetime.strptime(stamp_text, "%Y-%m-%d %H:%M:%S,%f").astimezone()
         assert abs(stamp.timestamp() - time.time()) < 60
+
+
+@given(
+    st.dictionaries(
+        st.text(max_size=8),
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats()
+        | st.text()
+        | st.lists(st.integers()),
+        max_size=8,
+    )
+)
+def test_access_members_are_written_as_json_dumps_writes_them(fields: dict[str, object]) -> None:
+    assert "{" + _json_members(fields) + "}" == json.dumps(fields)
