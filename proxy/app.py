@@ -124,9 +124,7 @@ def _route_label(path: str) -> str:
 @web.middleware
 async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     response = await handler(request)
-    request.app[METRICS].requests.labels(
-        _route_label(request.path), request.method, str(response.status)
-    ).inc()
+    request.app[METRICS].count_request(_route_label(request.path), request.method, response.status)
     return response
 
 
