@@ -102,15 +102,23 @@ class BlobDownload:
             self._started.set_result(None)
 
     async def append(self, chunks: list[bytes]) -> None:
-        """Hash and write chunks in a thread (hashlib and pwritev release the GIL), without
-        joining them first."""
-        await asyncio.get_running_loop().run_in_executor(None, self._write, chunks)
-        self.written += sum(len(chunk) for chunk in chunks)
-        self._notify()
+        """Write chunks and hash them, in two threads at once (pwritev and hashlib release the
+        GIL), without joining them first. Readers get the bytes as soon as they are written:
+        the hash only gates the last byte, which `succeed` releases."""
+        loop = asyncio.get_running_loop()
+        hashed = loop.run_in_executor(None, self._hash, chunks)
+        try:
+            await loop.run_in_executor(None, self._write, chunks)
+            self.written += sum(len(chunk) for chunk in chunks)
+            self._notify()
+        finally:
+            await hashed
 
-    def _write(self, chunks: list[bytes]) -> None:
+    def _hash(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
             self._hasher.update(chunk)
+
+    def _write(self, chunks: list[bytes]) -> None:
         offset = self.written
         views = [memoryview(chunk) for chunk in chunks]
         while views:
