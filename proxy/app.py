@@ -124,7 +124,8 @@ def _route_label(path: str) -> str:
 @web.middleware
 async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     response = await handler(request)
-    request.app[METRICS].count_request(_route_label(request.path), request.method, response.status)
+    metrics = request.app[METRICS]
+    metrics.inc(metrics.requests, _route_label(request.path), request.method, str(response.status))
     return response
 
 

@@ -130,7 +130,7 @@ class Cache:
     ) -> Manifest:
         """The manifest a GET or HEAD of `reference` answers with."""
         manifest = await self._manifest(target, reference, accept)
-        (self.metrics.misses if manifest.fetched else self.metrics.hits).labels("manifest").inc()
+        self.metrics.inc(self.metrics.misses if manifest.fetched else self.metrics.hits, "manifest")
         return manifest
 
     async def _manifest(
@@ -307,9 +307,9 @@ class Cache:
         """The stored blob, or the download that is bringing it in (started if need be)."""
         local = self.local_blob(digest)
         if local is not None:
-            self.metrics.hits.labels("blob").inc()
+            self.metrics.inc(self.metrics.hits, "blob")
             return local
-        self.metrics.misses.labels("blob").inc()
+        self.metrics.inc(self.metrics.misses, "blob")
         transfer, joined = self.fetcher.get(self.upstreams[target.upstream], target, digest)
         if joined:
             self.metrics.coalesced.labels("blob").inc()

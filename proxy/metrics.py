@@ -42,7 +42,7 @@ class Metrics:
         self.requests = Counter(
             f"{_PREFIX}_http_requests", "Requests served", ["route", "method", "status"], registry=r
         )
-        self._request_counters: dict[tuple[str, str, int], Counter] = {}
+        self._children: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
         self.hits = Counter(
             f"{_PREFIX}_cache_hits", "Requests served from cache", ["kind"], registry=r
         )
@@ -111,15 +111,15 @@ class Metrics:
             registry=r,
         )
 
-    def count_request(self, route: str, method: str, status: int) -> None:
-        """One served request. The labelled counter is looked up once per combination:
-        prometheus-client's `labels()` (a lock, a tuple of strings) was 4% of a cached
-        manifest's cost."""
-        key = (route, method, status)
-        child = self._request_counters.get(key)
+    def inc(self, counter: Counter, *labels: str, amount: float = 1) -> None:
+        """Add to one labelled series of `counter`. Each label combination is looked up once:
+        prometheus-client's `labels()` (a lock, a key rebuilt on every call) was 4% of a
+        cached manifest's cost."""
+        key = (counter, labels)
+        child = self._children.get(key)
         if child is None:
-            child = self._request_counters[key] = self.requests.labels(route, method, str(status))
-        child.inc()
+            child = self._children[key] = counter.labels(*labels)
+        child.inc(amount)
 
     def watch(self, read: Callable[[], dict[str, float | dict[str, float]]]) -> None:
         """Expose values computed at scrape time: `{"name": value}` or `{"name": {label: v}}`."""

@@ -8,6 +8,7 @@ descriptor.md).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -73,8 +74,11 @@ class Digest:
     algorithm: str
     encoded: str
 
-    @classmethod
-    def parse(cls, text: str) -> Digest:
+    @staticmethod
+    @functools.lru_cache(maxsize=4096)
+    def parse(text: str) -> Digest:
+        """The digest `text` spells, else DIGEST_INVALID. Memoised (digests are immutable, and
+        the same few are parsed on every request for them); errors are not kept."""
         match = _DIGEST_RE.fullmatch(text)
         if match is None:
             raise RegistryError(DIGEST_INVALID, f"invalid digest: {text[:200]!r}")
@@ -84,7 +88,7 @@ class Digest:
             raise RegistryError(DIGEST_INVALID, f"unsupported digest algorithm: {algorithm!r}")
         if len(encoded) != length or not _HEX_RE.fullmatch(encoded):
             raise RegistryError(DIGEST_INVALID, f"invalid {algorithm} digest: {text[:200]!r}")
-        return cls(algorithm, encoded)
+        return Digest(algorithm, encoded)
 
     @classmethod
     def of(cls, data: bytes, algorithm: str = "sha256") -> Digest:

@@ -271,7 +271,7 @@ class Routes:
                 response = _SentFileResponse(found.path, headers=headers)
                 # Counted before sending, so a scrape right after the transfer sees it.
                 start, end = span or (0, found.size)
-                cache.metrics.bytes_served.labels("cache").inc(end - start)
+                cache.metrics.inc(cache.metrics.bytes_served, "cache", amount=end - start)
                 await response.prepare(request)
                 return response
         request[CACHE_STATUS] = "miss"
