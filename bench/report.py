@@ -19,7 +19,9 @@ __all__ = ["METRICS", "Metric", "Results", "replace_section"]
 SERVERS = ("direct", "baseline", "ours", "bare aiohttp")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
-Better = Literal["lower", "higher"]
+Better = Literal["lower", "higher", "neither"]
+"""Which way a metric is better; "neither" for context (whose CPU a workload spent), which
+gets no comparison."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +41,25 @@ METRICS = (
     Metric("cold_pull", "cold pull, big image", "s", "lower"),
     Metric("cold_pull_upstream", "cold pull: upstream served", "x image", "lower"),
     Metric("warm_pull", "warm pull, big image", "s", "lower"),
+    Metric("warm_pull_client_cores", "warm pull: cores busy in skopeo", "cores", "neither"),
+    Metric("warm_pull_server_cores", "warm pull: cores busy in the server", "cores", "lower"),
     Metric("cold_pulls", "8 concurrent cold pulls", "s", "lower"),
     Metric("cold_pulls_upstream", "8 concurrent cold pulls: upstream served", "x image", "lower"),
     Metric("cold_pulls_rss", "8 concurrent cold pulls: peak RSS", "MiB", "lower"),
     Metric("warm_pulls", "8 concurrent warm pulls", "s", "lower"),
     Metric("warm_pulls_rss", "8 concurrent warm pulls: peak RSS", "MiB", "lower"),
+    Metric(
+        "warm_pulls_client_cores",
+        "8 concurrent warm pulls: cores busy in skopeo",
+        "cores",
+        "neither",
+    ),
+    Metric(
+        "warm_pulls_server_cores",
+        "8 concurrent warm pulls: cores busy in the server",
+        "cores",
+        "lower",
+    ),
     Metric("blob_cold", "blob GET (largest layer), cold", "MB/s", "higher"),
     Metric("blob_warm", "blob GET (largest layer), warm", "MB/s", "higher"),
     Metric("blob_head_upstream", "HEAD of an uncached blob: upstream served", "MiB", "lower"),
@@ -103,7 +119,7 @@ class Results:
                     "max": max(values),
                     "samples": values,
                 }
-            if "baseline" in medians and "ours" in medians:
+            if metric.better != "neither" and "baseline" in medians and "ours" in medians:
                 advantage = _advantage(metric, medians["baseline"], medians["ours"])
                 row["ours_vs_baseline"] = None if math.isinf(advantage) else advantage
                 row["ours_wins"] = advantage >= 1.0

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import clients
+from bench.cpu import cores_busy
 from bench.images import BIG, MANY, SMALL, TAG, Images
 from bench.plan import MiB, Plan
 from bench.report import Results
@@ -67,6 +68,11 @@ class Bench:
         return max(blobs, key=blobs.__getitem__)
 
 
+def server_pids(server: Server) -> list[int]:
+    """The server's processes and their children (HAProxy and distribution, or ours)."""
+    return [pid for top in server.pids() for pid in tree(top)]
+
+
 def _image(repository: str) -> str:
     return f"{repository}:{TAG}"
 
@@ -87,7 +93,11 @@ def pulls_and_blobs(bench: Bench, server: Server) -> None:
     if not direct:
         served = bench.served() / Images.size(bench.images.big)
         bench.record("cold_pull_upstream", server, served)
-        bench.record("warm_pull", server, clients.pull(server.host, _image(BIG), dest))
+        with cores_busy(server_pids(server)) as busy:
+            warm = clients.pull(server.host, _image(BIG), dest)
+        bench.record("warm_pull", server, warm)
+        bench.record("warm_pull_client_cores", server, busy.clients)
+        bench.record("warm_pull_server_cores", server, busy.servers)
     blob_url = f"http://{server.host}/v2/{BIG}/blobs/{bench.largest_layer()}"
     bench.record("blob_warm", server, clients.curl_get(blob_url))
     if not direct:
@@ -127,7 +137,7 @@ def concurrent_pulls(bench: Bench, server: Server) -> None:
     """Concurrent pulls, cold then warm: wall time, upstream bytes, peak memory."""
     server.reset()
     count, dest = bench.plan.concurrency, bench.scratch / "pulls"
-    pids = [pid for top in server.pids() for pid in tree(top)]
+    pids = server_pids(server)
     reset_peak(pids)
     bench.upstream.clear_requests()
     bench.record("cold_pulls", server, clients.pulls(server.host, _image(BIG), dest, count))
@@ -137,8 +147,12 @@ def concurrent_pulls(bench: Bench, server: Server) -> None:
     bench.record("cold_pulls_upstream", server, served)
     bench.record("cold_pulls_rss", server, peak_rss(pids) / MiB)
     reset_peak(pids)
-    bench.record("warm_pulls", server, clients.pulls(server.host, _image(BIG), dest, count))
+    with cores_busy(pids) as busy:
+        warm = clients.pulls(server.host, _image(BIG), dest, count)
+    bench.record("warm_pulls", server, warm)
     bench.record("warm_pulls_rss", server, peak_rss(pids) / MiB)
+    bench.record("warm_pulls_client_cores", server, busy.clients)
+    bench.record("warm_pulls_server_cores", server, busy.servers)
 
 
 WORKLOADS: tuple[Callable[[Bench, Server], None], ...] = (
