@@ -110,7 +110,10 @@ class BlobFetcher:
         self.cache_write_timeout = cache_write_timeout
         self.downloads: dict[Digest, BlobDownload] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Cut downloads to continue from, oldest first: parked on disk, so a restart keeps them.
         self._partials: OrderedDict[Digest, Path] = OrderedDict()
+        for digest, path in reversed(store.partials()):
+            self._keep_partial(digest, path)
         self._disk_full_until = 0.0
         # Told how many bytes are on their way into the store (0 once they are in): the
         # cleaner's cue to run before the disk fills.
@@ -147,8 +150,14 @@ class BlobFetcher:
         """Let downloads in flight finish (they are bounded by the upstream timeouts)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for partial in self._partials.values():
-            partial.unlink(missing_ok=True)
+
+    def _keep_partial(self, digest: Digest, path: Path) -> None:
+        """Remember a partial download; beyond the newest few, the oldest file goes."""
+        self._partials[digest] = path
+        self._partials.move_to_end(digest)
+        while len(self._partials) > _MAX_PARTIALS:
+            _, oldest = self._partials.popitem(last=False)
+            oldest.unlink(missing_ok=True)
 
     async def _download(
         self, upstream: UpstreamClient, target: Target, download: BlobDownload
@@ -263,10 +272,12 @@ class BlobFetcher:
         resumable = isinstance(exc, errors.UpstreamUnavailable) and download.written > 0
         download.fail(error, keep_partial=resumable)
         if resumable:
-            self._partials[digest] = download.temp_path
-            while len(self._partials) > _MAX_PARTIALS:
-                _, oldest = self._partials.popitem(last=False)
-                oldest.unlink(missing_ok=True)
+            try:
+                self._keep_partial(digest, self.store.keep_partial(download.temp_path, digest))
+            except OSError as kept_error:
+                resumable = False
+                download.temp_path.unlink(missing_ok=True)
+                log.warning("could not keep the partial download of %s: %s", digest, kept_error)
         log.warning(
             "download of %s from %s failed after %d bytes%s: %s",
             digest,

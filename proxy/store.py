@@ -30,8 +30,9 @@ class BlobStore:
         self.root = root.resolve()
         self.blobs = self.root / "blobs"
         self.tmp = self.root / "tmp"
-        self.blobs.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.partial = self.root / "partial"
+        for folder in (self.blobs, self.tmp, self.partial):
+            folder.mkdir(parents=True, exist_ok=True)
         self._recent = BytesLRU(_READ_CACHE_BYTES)
 
     def path(self, digest: Digest) -> Path:
@@ -47,6 +48,27 @@ class BlobStore:
     def temp_path(self) -> Path:
         """A fresh name in `tmp/` for a file being written."""
         return self.tmp / f"{uuid.uuid4().hex}.part"
+
+    def keep_partial(self, temp: Path, digest: Digest) -> Path:
+        """Park the unverified start of a cut download under `partial/`, by digest, for a
+        later download (in this process or the next) to continue from."""
+        kept = self.partial / f"{digest.algorithm}-{digest.encoded}"
+        os.replace(temp, kept)
+        return kept
+
+    def partials(self) -> list[tuple[Digest, Path]]:
+        """The parked partial downloads, newest first; a file whose name is not a digest is
+        removed. Blocking."""
+        found = []
+        for path in self.partial.iterdir():
+            try:
+                digest = Digest.parse(path.name.replace("-", ":", 1))
+            except RegistryError:
+                path.unlink(missing_ok=True)
+                continue
+            found.append((path.stat().st_mtime, digest, path))
+        found.sort(key=lambda entry: entry[0], reverse=True)
+        return [(digest, path) for _, digest, path in found]
 
     def commit(self, temp: Path, digest: Digest) -> None:
         """Move a verified temporary file into place, atomically."""

@@ -91,6 +91,26 @@ def test_cut_transfer_fails_the_client_and_the_next_one_resumes(
     assert list((proxy.data / "tmp").iterdir()) == []
 
 
+def test_a_cut_download_resumes_after_a_restart(
+    image: Image, faulty: FaultyUpstream, start_proxy: StartProxy
+) -> None:
+    layer = image.layers[0]
+    faulty.cut_after[layer] = MiB + 321
+    proxy = start_proxy(config_for(faulty.url))
+    with pytest.raises(http.client.IncompleteRead):
+        fetch(proxy, blob_path(image, layer))
+    proxy.stop()
+    assert [p.name for p in (proxy.data / "partial").iterdir()] == [layer.replace(":", "-")]
+
+    proxy.start()
+    status, body = fetch(proxy, blob_path(image, layer))
+    assert status == 200
+    assert hashlib.sha256(body).hexdigest() == layer.removeprefix("sha256:")
+    assert faulty.ranges == [f"bytes={MiB + 321}-"]
+    wait_for(lambda: layer.removeprefix("sha256:") in blob_files(proxy.data), "the blob to land")
+    assert list((proxy.data / "partial").iterdir()) == []
+
+
 def open_descriptors(proxy: Proxy) -> int:
     assert proxy.pid is not None
     return len(os.listdir(f"/proc/{proxy.pid}/fd"))
