@@ -34,7 +34,7 @@ from .settings import Settings
 from .store import BlobStore
 from .upstream import UpstreamClient, read_body
 
-__all__ = ["Cache", "LocalBlob", "Page", "open_cache", "paginate"]
+__all__ = ["Cache", "LocalBlob", "Page", "Referrers", "open_cache", "paginate"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,16 @@ class LocalBlob:
     digest: Digest
     path: Path
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Referrers:
+    """A page of a referrers index as the upstream answered it."""
+
+    body: bytes
+    headers: dict[str, str]
+    next_query: str | None
+    """The upstream's query for the next page (its `Link`), opaque; None on the last page."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,16 +368,17 @@ class Cache:
         return paginate(sorted(listed), n, last)
 
     async def referrers(
-        self, target: Target, digest: Digest, artifact_type: str | None
-    ) -> tuple[bytes, Mapping[str, str]]:
-        """The upstream's referrers index, passed through with its filter header."""
-        params = {"artifactType": artifact_type} if artifact_type else None
+        self, target: Target, digest: Digest, query: Mapping[str, str]
+    ) -> Referrers:
+        """One page of the upstream's referrers index, passed through with its filter header.
+
+        The query (the `artifactType` filter, the upstream's own paging parameters) goes to the
+        upstream as the client sent it; the next page's query comes back as the upstream wrote
+        it, opaque, for the client to ask us for.
+        """
         try:
             async with self._request(
-                target,
-                "GET",
-                f"referrers/{digest}",
-                params=params,
+                target, "GET", f"referrers/{digest}", params=dict(query) or None
             ) as response:
                 body = await read_body(response, MAX_MANIFEST_SIZE)
                 headers = {
@@ -375,18 +386,28 @@ class Cache:
                     for key in ("Content-Type", "OCI-Filters-Applied")
                     if key in response.headers
                 }
+                link = response.headers.get("Link")
         except UpstreamError as exc:
             raise upstream_failure(exc, errors.MANIFEST_UNKNOWN) from None
-        return body, headers
+        return Referrers(body, headers, _link_query(link) if link else None)
 
     async def catalog(self, n: int | None, last: str | None) -> Page:
         return paginate(await self.metadata.repositories(), n, last)
 
 
+def _link_target(link: str) -> URL:
+    """The URL of an upstream's `Link: <...>; rel="next"`."""
+    return URL(link.split(";", 1)[0].strip().strip("<>"))
+
+
 def _link_last(link: str) -> str | None:
     """The `last` of an upstream's `Link: <...?last=x&n=y>; rel="next"`."""
-    target = link.split(";", 1)[0].strip().strip("<>")
-    return URL(target).query.get("last")
+    return _link_target(link).query.get("last")
+
+
+def _link_query(link: str) -> str | None:
+    """The query of an upstream's next-page `Link`, still encoded, if it has one."""
+    return _link_target(link).raw_query_string or None
 
 
 @asynccontextmanager

@@ -335,10 +335,17 @@ class Routes:
         )
 
     async def referrers(self, request: web.Request, target: Target, digest: Digest) -> web.Response:
-        body, upstream_headers = await request.app[CACHE].referrers(
-            target, digest, request.query.get("artifactType")
-        )
-        return web.Response(body=body, headers={**API_VERSION_HEADERS, **upstream_headers})
+        """Passed through a page at a time: the upstream's next page is linked under our path."""
+        ns = request.query.get("ns")
+        query = {key: value for key, value in request.query.items() if key != "ns"}
+        page = await request.app[CACHE].referrers(target, digest, query)
+        headers = {**API_VERSION_HEADERS, **page.headers}
+        if page.next_query is not None:
+            link = URL(f"{request.path}?{page.next_query}")
+            if ns is not None:
+                link = link.update_query(ns=ns)
+            headers["Link"] = f'<{link}>; rel="next"'
+        return web.Response(body=page.body, headers=headers)
 
     async def catalog(self, request: web.Request) -> web.Response:
         n = _page_number(request.query)

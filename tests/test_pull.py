@@ -396,6 +396,42 @@ def test_referrers_pass_through_with_the_artifact_type_filter(
         assert (status, json.loads(body)["errors"][0]["code"]) == (400, "DIGEST_INVALID")
 
 
+def test_referrers_pages_follow_the_upstreams_links_through_the_cache(
+    tmp_path: Path, start_proxy: StartProxy
+) -> None:
+    image = write_layout(tmp_path / "layout", "v1", None, [1000], seed=13)
+    attachments = [
+        {
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": f"sha256:{n:064x}",
+            "size": 100 + n,
+            "artifactType": "application/vnd.example.note",
+        }
+        for n in range(5)
+    ]
+    with StandIn(image, "noted/app") as standin:
+        standin.referrers = attachments
+        standin.referrers_page = 2
+        proxy = start_proxy(one_upstream(standin))
+        path: str | None = f"/v2/test.local/noted/app/referrers/{image.digest}"
+        listed = []
+        for _ in range(len(attachments)):
+            assert path is not None
+            status, headers, body = proxy.get(path)
+            assert status == 200
+            listed += json.loads(body)["manifests"]
+            link = headers.get("Link")
+            path = None
+            if link is None:
+                break
+            target, _, rel = link.partition(";")
+            assert rel.strip() == 'rel="next"'
+            path = target.strip().strip("<>")
+            assert path.startswith(f"/v2/test.local/noted/app/referrers/{image.digest}?")
+        assert path is None
+        assert listed == attachments
+
+
 def test_pull_secret_credentials_and_ignored_registries(
     tmp_path: Path, basic_upstream: Registry, start_proxy: StartProxy
 ) -> None:

@@ -42,6 +42,8 @@ class StandIn:
         """A `WWW-Authenticate` to answer every request that has no `Authorization` with."""
         self.referrers: list[dict[str, object]] = []
         """Descriptors the referrers API lists for any subject."""
+        self.referrers_page: int | None = None
+        """Descriptors per referrers page, with a `Link` to the next one (an opaque token)."""
         self.blob_redirect: str | None = None
         """A base URL that blob GETs are redirected to (same path)."""
         self._loop = asyncio.new_event_loop()
@@ -79,6 +81,12 @@ class StandIn:
         wanted = request.query.get("artifactType")
         descriptors = [d for d in self.referrers if wanted in (None, d.get("artifactType"))]
         headers = {"OCI-Filters-Applied": "artifactType"} if wanted else {}
+        if self.referrers_page is not None:
+            start = int(request.query.get("page", "0"), 16)
+            end = start + self.referrers_page
+            if end < len(descriptors):
+                headers["Link"] = f'<{request.path}?page={end:x}>; rel="next"'
+            descriptors = descriptors[start:end]
         index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
         headers["Content-Type"] = OCI_INDEX
         return web.Response(body=json.dumps(index).encode(), headers=headers)
