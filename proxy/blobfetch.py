@@ -151,6 +151,13 @@ class BlobFetcher:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def _drop_partials(self) -> None:
+        """Give a full disk back what parked partial downloads hold: the cleaner does not see
+        them, and they are worth less than the blobs it would otherwise evict."""
+        while self._partials:
+            _, path = self._partials.popitem()
+            path.unlink(missing_ok=True)
+
     def _keep_partial(self, digest: Digest, path: Path) -> None:
         """Remember a partial download; beyond the newest few, the oldest file goes."""
         self._partials[digest] = path
@@ -263,6 +270,7 @@ class BlobFetcher:
         digest = download.digest
         if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
             self._disk_full_until = time.monotonic() + _DISK_FULL_BACKOFF
+            self._drop_partials()
             self.on_disk_full(max((download.size or 0) - download.written, CHUNK_SIZE))
             error: Exception = RegistryError(errors.UNAVAILABLE, "the cache's disk is full")
         elif isinstance(exc, UpstreamError):

@@ -310,6 +310,24 @@ def test_full_disk_streams_without_caching_and_the_cleaner_makes_room(
     assert verified.returncode == 0 and "0 corrupt" in verified.stdout
 
 
+def test_a_full_disk_takes_back_parked_partial_downloads_first(
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy, small_disk: Path
+) -> None:
+    image = write_layout(tmp_path / "two", "v1", None, [9 * MiB, 9 * MiB], seed=56)
+    push(image, upstream.host, "parked/app")
+    parked = small_disk / "partial" / f"sha256-{'7' * 64}"
+    parked.parent.mkdir()
+    parked.write_bytes(os.urandom(8 * MiB))
+    proxy = start_proxy({**config_for(upstream.url), "storage": {"root": str(small_disk)}})
+    ref = f"docker://{proxy.host}/test.local/parked/app:v1"
+
+    # 8 MiB parked and 18 MiB of layers do not fit in 24 MiB.
+    skopeo.copy(ref, f"dir:{tmp_path / 'first'}", check=False)
+    wait_for(lambda: not parked.exists(), "the parked partial to be given back")
+    skopeo.copy(ref, f"dir:{tmp_path / 'second'}")
+    assert skopeo.read_dir_copy(tmp_path / "second").blobs == image.blobs
+
+
 def test_client_leaving_halfway_does_not_stop_the_download(
     tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
