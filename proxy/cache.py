@@ -18,6 +18,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlencode
 
 import aiohttp
 from yarl import URL
@@ -27,14 +28,14 @@ from .blobfetch import BlobFetcher, DirectTransfer
 from .errors import RegistryError, UpstreamError, upstream_failure
 from .flight import BlobDownload, SingleFlight
 from .manifest import ACCEPT_ALL, MAX_MANIFEST_SIZE, Manifest, acceptable, read_manifest
-from .metadata import ItemRecord, Metadata, TagRecord
+from .metadata import ItemRecord, Metadata, ReferrersPage, TagRecord
 from .metrics import Metrics
 from .reference import Digest, Tag, Target
 from .settings import Settings
 from .store import BlobStore
 from .upstream import UpstreamClient, read_body
 
-__all__ = ["Cache", "LocalBlob", "Page", "Referrers", "open_cache", "paginate"]
+__all__ = ["Cache", "LocalBlob", "Page", "open_cache", "paginate"]
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,6 @@ class LocalBlob:
     digest: Digest
     path: Path
     size: int
-
-
-@dataclass(frozen=True, slots=True)
-class Referrers:
-    """A page of a referrers index as the upstream answered it."""
-
-    body: bytes
-    headers: dict[str, str]
-    next_query: str | None
-    """The upstream's query for the next page (its `Link`), opaque; None on the last page."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,13 +360,21 @@ class Cache:
 
     async def referrers(
         self, target: Target, digest: Digest, query: Mapping[str, str]
-    ) -> Referrers:
-        """One page of the upstream's referrers index, passed through with its filter header.
+    ) -> ReferrersPage:
+        """One page of the upstream's referrers index, passed through with its filter header;
+        the last answer for a subject the cache holds is kept, and served while the upstream
+        is down (signature checks at the edge need it as much as the image).
 
         The query (the `artifactType` filter, the upstream's own paging parameters) goes to the
         upstream as the client sent it; the next page's query comes back as the upstream wrote
         it, opaque, for the client to ask us for.
         """
+        kept_as = (
+            target.upstream,
+            target.repository,
+            str(digest),
+            urlencode(sorted(query.items())),
+        )
         try:
             async with self._request(
                 target, "GET", f"referrers/{digest}", params=dict(query) or None
@@ -388,8 +387,16 @@ class Cache:
                 }
                 link = response.headers.get("Link")
         except UpstreamError as exc:
-            raise upstream_failure(exc, errors.MANIFEST_UNKNOWN) from None
-        return Referrers(body, headers, _link_query(link) if link else None)
+            kept = None
+            if not isinstance(exc, errors.UpstreamNotFound):
+                kept = await self.metadata.referrers(*kept_as)
+            if kept is None:
+                raise upstream_failure(exc, errors.MANIFEST_UNKNOWN) from None
+            self._warn_stale(target.upstream, exc)
+            return kept
+        page = ReferrersPage(body, headers, _link_query(link) if link else None)
+        await self.metadata.set_referrers(*kept_as, page)
+        return page
 
     async def catalog(self, n: int | None, last: str | None) -> Page:
         return paginate(await self.metadata.repositories(), n, last)

@@ -13,6 +13,7 @@ path does no database write.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -21,7 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeVar
 
-__all__ = ["Candidate", "ItemRecord", "Metadata", "TagListing", "TagRecord", "Usage"]
+__all__ = [
+    "Candidate",
+    "ItemRecord",
+    "Metadata",
+    "ReferrersPage",
+    "TagListing",
+    "TagRecord",
+    "Usage",
+]
 
 T = TypeVar("T")
 
@@ -55,6 +64,16 @@ CREATE TABLE IF NOT EXISTS tags (
     digest     TEXT NOT NULL REFERENCES items (digest) ON DELETE CASCADE,
     checked_at REAL NOT NULL,
     PRIMARY KEY (upstream, repository, tag)
+);
+CREATE TABLE IF NOT EXISTS referrers (
+    upstream   TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    subject    TEXT NOT NULL REFERENCES items (digest) ON DELETE CASCADE,
+    query      TEXT NOT NULL,
+    body       BLOB NOT NULL,
+    headers    TEXT NOT NULL,
+    next_query TEXT,
+    PRIMARY KEY (upstream, repository, subject, query)
 );
 CREATE TABLE IF NOT EXISTS pins (
     digest TEXT NOT NULL,
@@ -114,6 +133,16 @@ class TagListing:
 class TagRecord:
     digest: str
     checked_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReferrersPage:
+    """A page of an upstream's referrers index, as it answered."""
+
+    body: bytes
+    headers: dict[str, str]
+    next_query: str | None
+    """The upstream's query for the next page (its `Link`), opaque; None on the last page."""
 
 
 def _like_prefix(prefix: str) -> str:
@@ -422,6 +451,38 @@ class Metadata:
 
         await self._run(upsert)
         self._tags[key] = record
+
+    async def set_referrers(
+        self, upstream: str, repository: str, subject: str, query: str, page: ReferrersPage
+    ) -> None:
+        """Keep a referrers page for when the upstream is down; only for a subject the cache
+        holds, and it goes when the subject is evicted."""
+        row = (upstream, repository, subject, query, page.body, json.dumps(page.headers))
+
+        def upsert(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO referrers SELECT ?, ?, ?, ?, ?, ?, ?"
+                " WHERE EXISTS (SELECT 1 FROM items WHERE digest = ?)"
+                " ON CONFLICT (upstream, repository, subject, query) DO UPDATE SET"
+                " body = excluded.body, headers = excluded.headers,"
+                " next_query = excluded.next_query",
+                (*row, page.next_query, subject),
+            )
+
+        await self._run(upsert)
+
+    async def referrers(
+        self, upstream: str, repository: str, subject: str, query: str
+    ) -> ReferrersPage | None:
+        def select(db: sqlite3.Connection) -> ReferrersPage | None:
+            row = db.execute(
+                "SELECT body, headers, next_query FROM referrers"
+                " WHERE upstream = ? AND repository = ? AND subject = ? AND query = ?",
+                (upstream, repository, subject, query),
+            ).fetchone()
+            return ReferrersPage(row[0], json.loads(row[1]), row[2]) if row else None
+
+        return await self._run(select)
 
     async def tags(self, upstream: str, repository: str) -> list[str]:
         """The tags recorded for a repository, sorted: the answer when the upstream is down."""

@@ -413,23 +413,59 @@ def test_referrers_pages_follow_the_upstreams_links_through_the_cache(
         standin.referrers = attachments
         standin.referrers_page = 2
         proxy = start_proxy(one_upstream(standin))
-        path: str | None = f"/v2/test.local/noted/app/referrers/{image.digest}"
-        listed = []
-        for _ in range(len(attachments)):
-            assert path is not None
-            status, headers, body = proxy.get(path)
-            assert status == 200
-            listed += json.loads(body)["manifests"]
-            link = headers.get("Link")
-            path = None
-            if link is None:
-                break
-            target, _, rel = link.partition(";")
-            assert rel.strip() == 'rel="next"'
-            path = target.strip().strip("<>")
-            assert path.startswith(f"/v2/test.local/noted/app/referrers/{image.digest}?")
-        assert path is None
-        assert listed == attachments
+        # By upstream name, and in mirror mode with containerd's `?ns=`, which the links keep.
+        for first, suffix in (
+            (f"/v2/test.local/noted/app/referrers/{image.digest}", ""),
+            (f"/v2/noted/app/referrers/{image.digest}?ns=test.local", "ns=test.local"),
+        ):
+            path: str | None = first
+            listed = []
+            for _ in range(len(attachments)):
+                assert path is not None
+                status, headers, body = proxy.get(path)
+                assert status == 200
+                listed += json.loads(body)["manifests"]
+                link = headers.get("Link")
+                path = None
+                if link is None:
+                    break
+                target, _, rel = link.partition(";")
+                assert rel.strip() == 'rel="next"'
+                path = target.strip().strip("<>")
+                assert path.startswith(first.partition("?")[0] + "?")
+                assert path.endswith(suffix)
+            assert path is None
+            assert listed == attachments
+
+
+def test_referrers_of_a_cached_image_are_served_while_the_upstream_is_down(
+    tmp_path: Path, start_proxy: StartProxy
+) -> None:
+    image = write_layout(tmp_path / "layout", "v1", None, [1000], seed=14)
+    other = write_layout(tmp_path / "other", "v1", None, [1000], seed=15)
+    signature = {
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": "sha256:" + "5" * 64,
+        "size": 123,
+        "artifactType": "application/vnd.dev.cosign.signature",
+    }
+    base = "/v2/test.local/signed/app"
+    with StandIn(image, "signed/app") as standin:
+        standin.referrers = [signature]
+        proxy = start_proxy(one_upstream(standin))
+        assert proxy.get(f"{base}/manifests/v1", {"Accept": ACCEPT_ALL})[0] == 200
+        listed = proxy.get(f"{base}/referrers/{image.digest}")
+        assert listed[0] == 200
+        # Not kept: the cache does not hold this subject.
+        assert proxy.get(f"{base}/referrers/{other.digest}")[0] == 200
+
+    status, headers, body = proxy.get(f"{base}/referrers/{image.digest}")
+    assert status == 200
+    assert json.loads(body) == json.loads(listed[2])
+    assert headers["Content-Type"] == listed[1]["Content-Type"]
+    for unknown in (f"referrers/{other.digest}", f"referrers/{image.digest}?artifactType=a/b"):
+        status, _, body = proxy.get(f"{base}/{unknown}")
+        assert (status, json.loads(body)["errors"][0]["code"]) == (503, "UNAVAILABLE")
 
 
 def test_pull_secret_credentials_and_ignored_registries(
