@@ -21,6 +21,7 @@ from .settings import Settings
 __all__ = ["AccessLines", "JsonFormatter", "access_lines", "configure"]
 
 _TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s %(message)s"
+_ACCESS: Final = "registry_cache.access"
 
 
 class JsonFormatter(logging.Formatter):
@@ -102,7 +103,6 @@ def _json_members(fields: dict[str, object]) -> str:
     return ", ".join(members)
 
 
-_ACCESS: Final = "registry_cache.access"
 _access_lines = AccessLines(sys.stderr, json_lines=False)
 
 

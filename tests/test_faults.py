@@ -71,6 +71,15 @@ def faulty(image: Image) -> Iterator[FaultyUpstream]:
         yield stand_in
 
 
+def resumed_from(faulty: FaultyUpstream) -> int:
+    """Where the one ranged request started: where the kept bytes end. That is at most the
+    cut; a little before it when aiohttp drops what it had buffered on seeing the cut."""
+    (requested,) = faulty.ranges
+    start, dash, end = requested.removeprefix("bytes=").partition("-")
+    assert dash and not end
+    return int(start)
+
+
 def test_cut_transfer_fails_the_client_and_the_next_one_resumes(
     image: Image, faulty: FaultyUpstream, start_proxy: StartProxy
 ) -> None:
@@ -85,7 +94,7 @@ def test_cut_transfer_fails_the_client_and_the_next_one_resumes(
     status, body = fetch(proxy, blob_path(image, layer))
     assert status == 200
     assert hashlib.sha256(body).hexdigest() == layer.removeprefix("sha256:")
-    assert faulty.ranges == [f"bytes={MiB + 123}-"]
+    assert 0 < resumed_from(faulty) <= MiB + 123
     # The store commit follows the last byte sent to the client.
     wait_for(lambda: layer.removeprefix("sha256:") in blob_files(proxy.data), "the blob to land")
     assert list((proxy.data / "tmp").iterdir()) == []
@@ -106,7 +115,7 @@ def test_a_cut_download_resumes_after_a_restart(
     status, body = fetch(proxy, blob_path(image, layer))
     assert status == 200
     assert hashlib.sha256(body).hexdigest() == layer.removeprefix("sha256:")
-    assert faulty.ranges == [f"bytes={MiB + 321}-"]
+    assert 0 < resumed_from(faulty) <= MiB + 321
     wait_for(lambda: layer.removeprefix("sha256:") in blob_files(proxy.data), "the blob to land")
     assert list((proxy.data / "partial").iterdir()) == []
 
