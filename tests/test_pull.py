@@ -27,6 +27,15 @@ ACCEPT_ALL = ", ".join(
 )
 
 
+# A cosign signature as the referrers API lists it.
+SIGNATURE: dict[str, object] = {
+    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+    "digest": "sha256:" + "5" * 64,
+    "size": 123,
+    "artifactType": "application/vnd.dev.cosign.signature",
+}
+
+
 def one_upstream(
     registry: Registry | StandIn, name: str = "test.local", **extra: Any
 ) -> dict[str, Any]:
@@ -371,22 +380,16 @@ def test_referrers_pass_through_with_the_artifact_type_filter(
     tmp_path: Path, start_proxy: StartProxy
 ) -> None:
     image = write_layout(tmp_path / "layout", "v1", None, [1000], seed=12)
-    signature = {
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": "sha256:" + "5" * 64,
-        "size": 123,
-        "artifactType": "application/vnd.dev.cosign.signature",
-    }
-    sbom = {**signature, "digest": "sha256:" + "6" * 64, "artifactType": "application/spdx+json"}
+    sbom = {**SIGNATURE, "digest": "sha256:" + "6" * 64, "artifactType": "application/spdx+json"}
     with StandIn(image, "signed/app") as standin:
-        standin.referrers = [signature, sbom]
+        standin.referrers = [SIGNATURE, sbom]
         proxy = start_proxy(one_upstream(standin))
         base = f"/v2/test.local/signed/app/referrers/{image.digest}"
 
         status, headers, body = proxy.get(base)
         assert status == 200
         assert headers["Content-Type"] == "application/vnd.oci.image.index.v1+json"
-        assert json.loads(body)["manifests"] == [signature, sbom]
+        assert json.loads(body)["manifests"] == [SIGNATURE, sbom]
 
         status, headers, body = proxy.get(f"{base}?artifactType=application/spdx%2Bjson")
         assert json.loads(body)["manifests"] == [sbom]
@@ -443,15 +446,9 @@ def test_referrers_of_a_cached_image_are_served_while_the_upstream_is_down(
 ) -> None:
     image = write_layout(tmp_path / "layout", "v1", None, [1000], seed=14)
     other = write_layout(tmp_path / "other", "v1", None, [1000], seed=15)
-    signature = {
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": "sha256:" + "5" * 64,
-        "size": 123,
-        "artifactType": "application/vnd.dev.cosign.signature",
-    }
     base = "/v2/test.local/signed/app"
     with StandIn(image, "signed/app") as standin:
-        standin.referrers = [signature]
+        standin.referrers = [SIGNATURE]
         proxy = start_proxy(one_upstream(standin))
         assert proxy.get(f"{base}/manifests/v1", {"Accept": ACCEPT_ALL})[0] == 200
         listed = proxy.get(f"{base}/referrers/{image.digest}")
