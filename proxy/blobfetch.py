@@ -90,8 +90,9 @@ class DirectTransfer:
                 raise BlobVerificationError(f"{self.digest}: content does not match its digest")
             if held:
                 yield held
-        except UpstreamError as exc:
-            raise upstream_failure(exc, errors.BLOB_UNKNOWN) from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The response is already open: a failure now is a cut body, not an answer.
+            raise RegistryError(errors.UNAVAILABLE, f"upstream transfer failed: {exc}") from None
         finally:
             await self.close()
 
@@ -198,7 +199,7 @@ class BlobFetcher:
         self, upstream: UpstreamClient, target: Target, download: BlobDownload
     ) -> None:
         """Copy the upstream's bytes into the download, from where a cut one stopped."""
-        if download.written == 0 and download.temp_path.stat().st_size:
+        if download.resuming:
             await download.resume_partial()
         offset = download.written
         headers = {"Range": f"bytes={offset}-"} if offset else None

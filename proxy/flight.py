@@ -62,6 +62,7 @@ class BlobDownload:
         partial file; `resume_partial` must then run before anything is appended."""
         self.digest = digest
         self.temp_path = temp_path
+        self.resuming = resume
         self.size: int | None = None
         self.written = 0
         flags = os.O_RDWR | os.O_CREAT | (0 if resume else os.O_EXCL)

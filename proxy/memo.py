@@ -1,4 +1,4 @@
-"""A bounded, thread-safe LRU of small immutable byte strings, keyed by digest.
+"""A bounded LRU of small immutable byte strings, keyed by digest, for the event loop's use.
 
 Cached manifests are asked for far more often than anything else and are small; reading one
 from disk on every request cost more than the rest of the request (docs/benchmarks.md).
@@ -8,7 +8,6 @@ when its file does.
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from collections.abc import Hashable
 
@@ -22,28 +21,24 @@ class BytesLRU:
         self.budget = budget
         self.size = 0
         self._entries: OrderedDict[Hashable, bytes] = OrderedDict()
-        self._lock = threading.Lock()  # the store is also used from worker threads
 
     def get(self, key: Hashable) -> bytes | None:
-        with self._lock:
-            data = self._entries.get(key)
-            if data is not None:
-                self._entries.move_to_end(key)
-            return data
+        data = self._entries.get(key)
+        if data is not None:
+            self._entries.move_to_end(key)
+        return data
 
     def put(self, key: Hashable, data: bytes) -> None:
         if len(data) > self.budget // 4:
             return
-        with self._lock:
-            old = self._entries.pop(key, None)
-            self.size += len(data) - (len(old) if old is not None else 0)
-            self._entries[key] = data
-            while self.size > self.budget:
-                _, evicted = self._entries.popitem(last=False)
-                self.size -= len(evicted)
+        old = self._entries.pop(key, None)
+        self.size += len(data) - (len(old) if old is not None else 0)
+        self._entries[key] = data
+        while self.size > self.budget:
+            _, evicted = self._entries.popitem(last=False)
+            self.size -= len(evicted)
 
     def discard(self, key: Hashable) -> None:
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self.size -= len(old)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.size -= len(old)

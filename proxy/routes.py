@@ -285,13 +285,21 @@ class Routes:
     ) -> web.StreamResponse:
         """Serve a blob while it downloads; a failure cuts the transfer short."""
         await download.wait_started()
-        size = download.size
         try:
-            span = parse_range(request.headers.get("Range"), size) if size is not None else None
-        except RegistryError:
+            return await self._send_download(request, download, headers)
+        finally:
+            # A direct transfer's upstream response is not shared: it goes with this request.
             if isinstance(download, DirectTransfer):
                 await download.close()
-            raise
+
+    async def _send_download(
+        self,
+        request: web.Request,
+        download: BlobDownload | DirectTransfer,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        size = download.size
+        span = parse_range(request.headers.get("Range"), size) if size is not None else None
         response = web.StreamResponse(status=206 if span else 200, headers=headers)
         start, end = span or (0, size)
         if span is not None and size is not None:
