@@ -52,7 +52,7 @@ async def reconcile(store: BlobStore, metadata: Metadata) -> ReconcileReport:
     for digest, path in on_disk.items():
         if str(digest) in known:
             continue
-        if await asyncio.to_thread(store.intact, digest, path):
+        if await asyncio.to_thread(store.intact, digest):
             size = path.stat().st_size
             await metadata.add_item(ItemRecord(str(digest), "blob", size, None), holder=None)
             report.adopted += 1

@@ -8,11 +8,9 @@ import datetime
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import humanfriendly
-
 from cleaner.service import Cleaner
 from proxy.metadata import Metadata, Usage
-from proxy.settings import Settings
+from proxy.settings import Settings, format_bytes
 from proxy.store import BlobStore
 
 __all__ = ["clean", "du", "ls", "verify"]
@@ -31,14 +29,10 @@ async def _open(settings: Settings) -> AsyncIterator[tuple[BlobStore, Metadata]]
         await metadata.close()
 
 
-def _size(size: int) -> str:
-    return humanfriendly.format_size(size, binary=True)
-
-
 def _usage_lines(title: str, rows: list[Usage]) -> list[str]:
     width = max([len(row.name) for row in rows] + [len(title)])
     lines = [f"{title:<{width}}  {'SIZE':>10}  ITEMS"]
-    lines += [f"{row.name:<{width}}  {_size(row.size):>10}  {row.items}" for row in rows]
+    lines += [f"{row.name:<{width}}  {format_bytes(row.size):>10}  {row.items}" for row in rows]
     return lines
 
 
@@ -46,8 +40,8 @@ async def du(settings: Settings, out: Print) -> int:
     """Size and item count, in total, per upstream and per repository."""
     async with _open(settings) as (_, metadata):
         total, upstreams, repositories = await metadata.usage()
-    limit = _size(settings.cleaner.max_size)
-    out(f"total: {_size(total.size)} in {total.items} items (limit {limit})")
+    limit = format_bytes(settings.cleaner.max_size)
+    out(f"total: {format_bytes(total.size)} in {total.items} items (limit {limit})")
     for title, rows in (("UPSTREAM", upstreams), ("REPOSITORY", repositories)):
         if rows:
             out("")
@@ -64,7 +58,7 @@ async def ls(settings: Settings, prefix: str, out: Print) -> int:
         accessed = datetime.datetime.fromtimestamp(entry.accessed_at, datetime.UTC)
         out(
             f"{entry.upstream}/{entry.repository}:{entry.tag}  {entry.digest}  "
-            f"{_size(entry.size)}  {accessed:%Y-%m-%d %H:%M:%S}Z"
+            f"{format_bytes(entry.size)}  {accessed:%Y-%m-%d %H:%M:%S}Z"
         )
     return 0
 
@@ -74,18 +68,18 @@ async def clean(settings: Settings, max_size: int | None, dry_run: bool, out: Pr
     mark, down to the limit; with it, evict down to `max_size` whatever the size."""
     async with _open(settings) as (store, metadata):
         cleaner = Cleaner(settings.cleaner, store, metadata)
-        total, _ = await metadata.totals()
+        total = metadata.total_size  # counted when the database was opened
         if max_size is None and total <= settings.cleaner.high_water_mark:
             out(
-                f"cache holds {_size(total)}, under the high-water mark "
-                f"{_size(settings.cleaner.high_water_mark)}: nothing to do"
+                f"cache holds {format_bytes(total)}, under the high-water mark "
+                f"{format_bytes(settings.cleaner.high_water_mark)}: nothing to do"
             )
             return 0
         report = await cleaner.clean(max_size=max_size, dry_run=dry_run)
     verb = "would evict" if dry_run else "evicted"
     for victim in report.victims:
-        out(f"{verb} {victim.kind} {victim.digest} {_size(victim.size)}")
-    out(f"{verb} {len(report.victims)} items, {_size(report.freed)} ({report.freed} bytes)")
+        out(f"{verb} {victim.kind} {victim.digest} {format_bytes(victim.size)}")
+    out(f"{verb} {len(report.victims)} items, {format_bytes(report.freed)} ({report.freed} bytes)")
     return 0
 
 
@@ -94,8 +88,8 @@ async def verify(settings: Settings, repair: bool, out: Print) -> int:
     async with _open(settings) as (store, metadata):
         found, _ = await asyncio.to_thread(store.scan)
         corrupt = 0
-        for digest, path in sorted(found.items(), key=lambda item: str(item[0])):
-            if await asyncio.to_thread(store.intact, digest, path):
+        for digest in sorted(found, key=str):
+            if await asyncio.to_thread(store.intact, digest):
                 continue
             corrupt += 1
             if repair:

@@ -94,7 +94,7 @@ async def _run_server(settings: Settings, ssl_context: ssl.SSLContext | None) ->
     runner = web.AppRunner(
         build_app(settings),
         access_log_class=AccessLogger,
-        access_log=logging.getLogger("registry_cache.access") if settings.access_log else None,
+        access_log=logging.getLogger(logs.ACCESS_LOGGER) if settings.access_log else None,
         keepalive_timeout=settings.idle_timeout,
         shutdown_timeout=settings.drain_timeout,
     )

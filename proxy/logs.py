@@ -18,10 +18,11 @@ from typing import Final, TextIO
 
 from .settings import Settings
 
-__all__ = ["AccessLines", "JsonFormatter", "access_lines", "configure"]
+__all__ = ["ACCESS_LOGGER", "AccessLines", "JsonFormatter", "access_lines", "configure"]
 
 _TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s %(message)s"
-_ACCESS: Final = "registry_cache.access"
+ACCESS_LOGGER: Final = "registry_cache.access"
+"""The access log's logger: its level decides whether lines are written."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -60,10 +61,10 @@ class AccessLines:
             asyncio.get_running_loop().call_soon(self.flush)
         stamp = self._time(time.time())
         if self._json_lines:
-            head = f'{{"time": "{stamp}", "level": "INFO", "logger": "{_ACCESS}", '
+            head = f'{{"time": "{stamp}", "level": "INFO", "logger": "{ACCESS_LOGGER}", '
             self._pending.append(head + _json_members(fields) + "}\n")
         else:
-            self._pending.append(f"{stamp} INFO {_ACCESS} {{{_json_members(fields)}}}\n")
+            self._pending.append(f"{stamp} INFO {ACCESS_LOGGER} {{{_json_members(fields)}}}\n")
 
     def flush(self) -> None:
         if self._pending:

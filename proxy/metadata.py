@@ -145,6 +145,14 @@ class ReferrersPage:
     """The upstream's query for the next page (its `Link`), opaque; None on the last page."""
 
 
+def _per_repository(db: sqlite3.Connection) -> list[Usage]:
+    rows = db.execute(
+        "SELECT upstream || '/' || repository, sum(size), count(*) FROM holdings"
+        " JOIN items USING (digest) GROUP BY upstream, repository ORDER BY 1"
+    )
+    return [Usage(*row) for row in rows]
+
+
 def _like_prefix(prefix: str) -> str:
     """A LIKE pattern for names under `prefix` (whole path components)."""
     escaped = prefix.strip("/").replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -346,17 +354,13 @@ class Metadata:
                 " GROUP BY upstream ORDER BY upstream"
             )
             upstreams = [Usage(*row) for row in per_upstream]
-            per_repository = db.execute(
-                "SELECT upstream || '/' || repository, sum(size), count(*) FROM holdings"
-                " JOIN items USING (digest) GROUP BY upstream, repository ORDER BY 1"
-            )
-            return (
-                Usage("total", int(size), int(count)),
-                upstreams,
-                [Usage(*r) for r in per_repository],
-            )
+            return Usage("total", int(size), int(count)), upstreams, _per_repository(db)
 
         return await self._run(select)
+
+    async def repository_usage(self) -> list[Usage]:
+        """Size and items per repository (`upstream/repository`), alone."""
+        return await self._run(_per_repository)
 
     async def tag_listing(self, prefix: str = "") -> list[TagListing]:
         """Tags under `upstream[/repository]`, with the size of the whole image they name."""

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "counter_values"]
+__all__ = ["Metrics", "counter_total", "counter_values"]
 
 _PREFIX = "registry_cache"
 
@@ -31,6 +31,11 @@ def counter_values(counter: Counter) -> dict[tuple[str, ...], float]:
         for sample in family.samples
         if sample.name.endswith("_total")
     }
+
+
+def counter_total(counter: Counter) -> float:
+    """A counter's total over all its label values."""
+    return sum(counter_values(counter).values())
 
 
 class Metrics:

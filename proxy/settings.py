@@ -28,11 +28,13 @@ __all__ = [
     "TlsSettings",
     "UpstreamSettings",
     "allowed_domains",
+    "format_bytes",
     "host_allowed",
     "load_settings",
     "parse_duration",
     "parse_size",
     "registry_upstream",
+    "require_bool",
     "require_string",
 ]
 
@@ -174,6 +176,11 @@ def parse_duration(text: str | int | float, key: str) -> float:
     return seconds
 
 
+def format_bytes(size: float) -> str:
+    """A size as people read it, in the same binary units `parse_size` takes: `1.5 GiB`."""
+    return humanfriendly.format_size(int(size), binary=True)
+
+
 def parse_size(text: str | int, key: str) -> int:
     """Bytes from `10G`, `500MiB`, `1.5T` (K, M, G, T are powers of 1024, as `du -h` shows)."""
     if isinstance(text, bool):
@@ -216,6 +223,12 @@ def _mapping(value: object, key: str) -> dict[str, Any]:
 def require_string(value: object, key: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def require_bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
     return value
 
 
@@ -348,9 +361,7 @@ class _Loader:
         log_format = require_string(log_format or "text", format_key).lower()
         if log_format not in {"text", "json"}:
             raise ConfigError(f"{format_key}: expected text or json, got {log_format!r}")
-        access = section.get("access", True)
-        if not isinstance(access, bool):
-            raise ConfigError(f"log.access: expected true or false, got {access!r}")
+        access = require_bool(section.get("access", True), "log.access")
         return level, log_format, access
 
     def _tls(self) -> TlsSettings | None:
@@ -390,11 +401,9 @@ class _Loader:
         realm = require_string(realm or "registry-cache", realm_key)
         if not re.fullmatch(r"[\x20-\x7e]+", realm) or '"' in realm or "\\" in realm:
             raise ConfigError(f"{realm_key}: printable ASCII without quotes, got {realm!r}")
-        protect_metrics = section.get("protect_metrics", False)
-        if not isinstance(protect_metrics, bool):
-            raise ConfigError(
-                f"auth.protect_metrics: expected true or false, got {protect_metrics!r}"
-            )
+        protect_metrics = require_bool(
+            section.get("protect_metrics", False), "auth.protect_metrics"
+        )
         return AuthSettings(Path(require_string(path, path_key)), realm, protect_metrics)
 
     def _http(self) -> dict[str, Any]:
@@ -418,21 +427,30 @@ class _Loader:
         }
 
     def _section_value(
-        self, section: Mapping[str, Any], where: str, key: str, env_name: str
+        self,
+        section: Mapping[str, Any],
+        where: str,
+        key: str,
+        env_name: str,
+        default: Any = None,
     ) -> tuple[Any, str]:
-        """The environment's value if set, else the section's (None if neither); and its name."""
+        """The environment's value if set, else the section's (else `default`); and its name."""
         if self.env.get(env_name):
             return self.env[env_name], env_name
-        return section.get(key), f"{where}.{key}"
+        return section.get(key, default), f"{where}.{key}"
 
     def _cleaner(self) -> CleanerSettings:
         section = _mapping(self.raw.get("cleaner", {}), "cleaner")
         _reject_unknown(section, {"maxsize", "threshold_percentage", "runevery"}, "cleaner")
-        size, size_key = self._env_or(section, "maxsize", "CLEANER_MAXSIZE", "10G")
-        threshold, threshold_key = self._env_or(
-            section, "threshold_percentage", "CLEANER_THRESHOLD_PERCENTAGE", 20
+        size, size_key = self._section_value(
+            section, "cleaner", "maxsize", "CLEANER_MAXSIZE", "10G"
         )
-        every, every_key = self._env_or(section, "runevery", "CLEANER_RUNEVERY_TIME", "30m")
+        threshold, threshold_key = self._section_value(
+            section, "cleaner", "threshold_percentage", "CLEANER_THRESHOLD_PERCENTAGE", 20
+        )
+        every, every_key = self._section_value(
+            section, "cleaner", "runevery", "CLEANER_RUNEVERY_TIME", "30m"
+        )
         try:
             threshold_value = float(threshold)
         except (TypeError, ValueError):
@@ -449,13 +467,6 @@ class _Loader:
             threshold_percentage=threshold_value,
             run_every=run_every,
         )
-
-    def _env_or(
-        self, section: Mapping[str, Any], key: str, env_name: str, default: Any
-    ) -> tuple[Any, str]:
-        if self.env.get(env_name):
-            return self.env[env_name], env_name
-        return section.get(key, default), f"cleaner.{key}"
 
     def _ignored(self) -> frozenset[str]:
         if self.env.get("IGNOREREGISTRYLIST"):

@@ -18,7 +18,7 @@ from typing import Final, TypedDict
 from aiohttp import web
 from yarl import URL
 
-from .metrics import Metrics, counter_values
+from .metrics import Metrics, counter_total, counter_values
 from .pulls import PULLS
 from .routes import CACHE
 from .settings import Settings
@@ -166,12 +166,13 @@ class StatusCollector:
         self.metrics = metrics
         self.history = TrafficHistory(metrics)
         self.started_at = time.time()
+        self.version = _version()
 
     async def collect(self, app: web.Application) -> Status:
         cache = app[CACHE]
         window = self.history.window()
         return Status(
-            version=_version(),
+            version=self.version,
             generated_at=time.time(),
             started_at=self.started_at,
             cache=CacheFill(
@@ -179,8 +180,8 @@ class StatusCollector:
                 self.settings.cleaner.max_size,
                 self.settings.cleaner.high_water_mark,
                 cache.metadata.total_items,
-                int(sum(counter_values(self.metrics.evicted_bytes).values())),
-                int(sum(counter_values(self.metrics.evicted_items).values())),
+                int(counter_total(self.metrics.evicted_bytes)),
+                int(counter_total(self.metrics.evicted_items)),
             ),
             traffic=TrafficStatus(
                 TrafficTotals.of(window.since_start),
@@ -226,8 +227,7 @@ class StatusCollector:
         top = app[PULLS].top(_TOP_REPOSITORIES)
         if not top:
             return []
-        _, _, per_repository = await app[CACHE].metadata.usage()
-        sizes = {usage.name: usage.size for usage in per_repository}
+        sizes = {usage.name: usage.size for usage in await app[CACHE].metadata.repository_usage()}
         return [
             RepositoryStatus(
                 p.upstream,

@@ -11,14 +11,16 @@ from collections.abc import Iterable, Sequence
 from html import escape
 from typing import TYPE_CHECKING, Final
 
-from humanfriendly import format_size, format_timespan
+from humanfriendly import format_timespan
+
+from .settings import format_bytes
+from .traffic import SAMPLE_EVERY, SAMPLES
 
 if TYPE_CHECKING:
     from .status import CacheFill, Status, TrafficStatus, TrafficTotals, UpstreamStatus
 
 __all__ = ["render"]
 
-_SLOTS: Final = 120  # an hour of 30-second intervals
 _GREEN: Final = "#2e7d32"
 _AMBER: Final = "#ef8f00"
 _RED: Final = "#c62828"
@@ -53,10 +55,6 @@ td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; white-space:
 .legend i { display: inline-block; width: 10px; height: 10px; margin: 0 4px 0 12px; }
 svg { display: block; }
 """
-
-
-def _bytes(size: float) -> str:
-    return format_size(int(size), binary=True)
 
 
 def _percent(ratio: float | None) -> str:
@@ -124,9 +122,9 @@ def _fill_bar(cache: CacheFill) -> str:
 
 def _bars(series: Sequence[Sequence[float]], colors: Sequence[str], ceiling: float) -> str:
     """A stacked bar per interval, the newest at the right, an hour wide."""
-    width, height = 3 * _SLOTS, 48
+    width, height = 3 * SAMPLES, 48
     scale = height / ceiling if ceiling > 0 else 0.0
-    offset = _SLOTS - len(series)
+    offset = SAMPLES - len(series)
     rects = []
     for slot, stack in enumerate(series, start=offset):
         base = float(height)
@@ -150,14 +148,14 @@ def _cache_section(status: Status) -> str:
     used = cache.size / cache.max_size
     return (
         "<section><h2>Cache</h2>"
-        f'<div class="big">{_bytes(cache.size)} <span class="muted">of'
-        f" {_bytes(cache.max_size)} ({used:.1%})</span></div>"
+        f'<div class="big">{format_bytes(cache.size)} <span class="muted">of'
+        f" {format_bytes(cache.max_size)} ({used:.1%})</span></div>"
         f"{_fill_bar(cache)}"
-        f'<div class="muted">black mark: budget (CLEANER_MAXSIZE) {_bytes(cache.max_size)};'
-        f" red mark: eviction starts at {_bytes(cache.high_water_mark)}</div>"
+        f'<div class="muted">black mark: budget (CLEANER_MAXSIZE) {format_bytes(cache.max_size)};'
+        f" red mark: eviction starts at {format_bytes(cache.high_water_mark)}</div>"
         '<div class="stats">'
         f"<div><span>items</span>{cache.items} items</div>"
-        f"<div><span>evicted</span>{_bytes(cache.evicted_bytes)}"
+        f"<div><span>evicted</span>{format_bytes(cache.evicted_bytes)}"
         f" ({cache.evicted_items} items)</div></div></section>"
     )
 
@@ -168,8 +166,8 @@ def _traffic_row(label: str, totals: TrafficTotals) -> list[str]:
         _percent(totals.hit_ratio),
         str(totals.hits),
         str(totals.misses),
-        _bytes(totals.bytes_from_cache),
-        _bytes(totals.bytes_from_upstream),
+        format_bytes(totals.bytes_from_cache),
+        format_bytes(totals.bytes_from_upstream),
     ]
 
 
@@ -189,7 +187,7 @@ def _traffic_section(traffic: TrafficStatus) -> str:
         f"<section><h2>Traffic</h2>{table}"
         f'<p class="legend muted">bytes served per {traffic.interval_seconds:.0f} s, last hour'
         f'<i style="background:{_GREEN}"></i>from cache'
-        f'<i style="background:{_AMBER}"></i>from upstream (peak {_bytes(peak)})</p>'
+        f'<i style="background:{_AMBER}"></i>from upstream (peak {format_bytes(peak)})</p>'
         f"{_bars(served, [_GREEN, _AMBER], peak)}"
         f'<p class="legend muted">hit ratio per {traffic.interval_seconds:.0f} s (0 to 100%)</p>'
         f"{_bars(ratios, [_BLUE], 1.0)}</section>"
@@ -238,7 +236,7 @@ def _repositories_section(status: Status) -> str:
         [
             escape(f"{r.upstream}/{r.repository}"),
             str(r.pulls),
-            _bytes(r.size),
+            format_bytes(r.size),
             _ago(r.last_pulled_at, status.generated_at),
         ]
         for r in status.repositories
@@ -273,7 +271,7 @@ def _setting(key: str, value: str | int | float | bool | None) -> str:
     if isinstance(value, str):
         return escape(value)
     if key.endswith("_bytes"):
-        return _bytes(value)
+        return format_bytes(value)
     if key.endswith("_seconds"):
         return str(format_timespan(value))
     return str(value)
@@ -296,7 +294,7 @@ def render(status: Status) -> str:
     ]
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        '<meta http-equiv="refresh" content="30">'
+        f'<meta http-equiv="refresh" content="{SAMPLE_EVERY:.0f}">'
         "<title>registry-cache status</title>"
         f"<style>{_STYLE}</style></head><body>"
         f"<header><h1>registry-cache</h1><span>version {escape(status.version)}</span>"

@@ -128,9 +128,9 @@ class BlobStore:
                 strays.append(path)
         return found, strays
 
-    def intact(self, digest: Digest, path: Path | None = None) -> bool:
-        """Whether the file (by default the stored one) hashes to `digest`; blocking, slow."""
-        with open(path or self.path(digest), "rb") as file:
+    def intact(self, digest: Digest) -> bool:
+        """Whether the stored file hashes to `digest`; blocking, slow."""
+        with open(self.path(digest), "rb") as file:
             return hashlib.file_digest(file, digest.algorithm).hexdigest() == digest.encoded
 
     def writable(self) -> bool:

@@ -14,12 +14,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
-from .metrics import Metrics, counter_values
+from .metrics import Metrics, counter_total, counter_values
 
-__all__ = ["SAMPLE_EVERY", "Traffic", "TrafficHistory", "Window"]
+__all__ = ["SAMPLES", "SAMPLE_EVERY", "Traffic", "TrafficHistory", "Window"]
 
 SAMPLE_EVERY: Final = 30.0
 _WINDOW: Final = 3600.0
+SAMPLES: Final = int(_WINDOW / SAMPLE_EVERY)
+"""Intervals in the window: what the status page's charts have room for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,15 +64,15 @@ class TrafficHistory:
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._samples: deque[Traffic] = deque(maxlen=int(_WINDOW / SAMPLE_EVERY) + 1)
+        self._samples: deque[Traffic] = deque(maxlen=SAMPLES + 1)
         self.sample()
 
     def now(self) -> Traffic:
         served = counter_values(self._metrics.bytes_served)
         return Traffic(
             time.monotonic(),
-            sum(counter_values(self._metrics.hits).values()),
-            sum(counter_values(self._metrics.misses).values()),
+            counter_total(self._metrics.hits),
+            counter_total(self._metrics.misses),
             served.get(("cache",), 0.0),
             served.get(("upstream",), 0.0),
         )
