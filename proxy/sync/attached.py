@@ -11,14 +11,12 @@ starting with `<alg>-<hex>` that the referrers did not already account for.
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from proxy.errors import UpstreamNotFound
-from proxy.manifest import Manifest
 
-from .copy import children
+from .copy import children, is_index
 from .remote import Remote
 
 if TYPE_CHECKING:
@@ -38,11 +36,6 @@ def fallback_tag(digest: str) -> str:
     """The referrers tag schema's tag for `digest`: `<alg>-<hex>`, truncated as the spec says."""
     algorithm, _, encoded = digest.partition(":")
     return f"{algorithm[:32]}-{encoded[:64]}"
-
-
-def is_index(manifest: Manifest) -> bool:
-    document = json.loads(manifest.data)
-    return isinstance(document, dict) and "manifests" in document
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,9 +146,7 @@ class Attachments:
             copied.refs.append(f"{self.repository}@{referrer}")
             await self._attach(referrer, (), copied)
         if wanted:
-            await self.destination.publish_referrers(
-                self.source, self.repository, digest, wanted, listing.fallback
-            )
+            await self.destination.publish_referrers(digest, wanted, listing.fallback)
         return {listing.fallback[0]} if listing.fallback else set()
 
     async def _digest_tags(self, digest: str, covered: set[str], copied: Attached) -> None:

@@ -19,7 +19,8 @@ from typing import Any, Final, Literal, TypeVar
 
 import yaml
 
-from proxy.settings import ConfigError, parse_duration, require_string
+from proxy.manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from proxy.settings import ConfigError, parse_duration, require_bool, require_string
 
 from .attached import ReferrerFilter
 from .filters import SemverRange, TagFilter, anchored
@@ -41,12 +42,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_MEDIA_TYPES: Final = (
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.oci.image.index.v1+json",
-)
+DEFAULT_MEDIA_TYPES: Final = (DOCKER_MANIFEST, DOCKER_LIST, OCI_MANIFEST, OCI_INDEX)
 # regsync's floor for `ratelimit.retry`: re-checking Docker Hub more often gains nothing.
 RATE_LIMIT_RETRY_MIN: Final = 300.0
 
@@ -215,12 +211,6 @@ def _int(value: object, key: str, minimum: int = 0) -> int:
     return value
 
 
-def _bool(value: object, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    return value
-
-
 def _attempt(key: str, parse: Callable[[], T]) -> T:
     """Turn a parser's ValueError into a ConfigError naming the key."""
     try:
@@ -325,7 +315,7 @@ class _Loader:
             target = _attempt(f"{key}.target", lambda: parse_target(target_text, f"{key}.target"))
         self._check_refs(kind, source, target, key)
         pin, digest_tags, referrers = (
-            _bool(setting(name, False), f"{key}.{name}")
+            require_bool(setting(name, False), f"{key}.{name}")
             for name in ("pin", "digestTags", "referrers")
         )
         if pin and not isinstance(target, CacheRef):

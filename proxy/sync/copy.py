@@ -19,7 +19,7 @@ from proxy.manifest import Manifest
 from .progress import SILENT, Progress, short
 from .remote import Remote
 
-__all__ = ["CopyStats", "ImageCopier", "MountHints", "children", "platform_of"]
+__all__ = ["CopyStats", "ImageCopier", "MountHints", "children", "is_index", "platform_of"]
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,6 @@ _FOREIGN: Final = ("foreign", "nondistributable")
 @dataclass(slots=True)
 class CopyStats:
     bytes: int = 0
-    blobs_copied: int = 0
-    blobs_skipped: int = 0
-    blobs_mounted: int = 0
-    manifests: int = 0
 
 
 @dataclass(slots=True)
@@ -55,6 +51,11 @@ class MountHints:
 def _document(manifest: Manifest) -> dict[str, object]:
     document = json.loads(manifest.data)
     return document if isinstance(document, dict) else {}
+
+
+def is_index(manifest: Manifest) -> bool:
+    """Whether `manifest` is an index (a manifest list): a document listing `manifests`."""
+    return "manifests" in _document(manifest)
 
 
 def platform_of(descriptor: dict[str, object]) -> str | None:
@@ -110,16 +111,15 @@ class ImageCopier:
         manifest = await self.source.manifest(self.source_repository, digest)
         await self._copy_children(manifest, tuple(platforms))
         await self.target.put_manifest(self.target_repository, tag or digest, manifest)
-        self.stats.manifests += 1
         return self.stats
 
     async def _copy_children(self, manifest: Manifest, platforms: tuple[str, ...]) -> None:
-        is_index = "manifests" in _document(manifest)
+        index = is_index(manifest)
         for descriptor in children(manifest, platforms):
             digest = descriptor.get("digest")
             if not isinstance(digest, str):
                 continue
-            if is_index:
+            if index:
                 await self._copy_manifest(digest)
             elif not any(word in str(descriptor.get("mediaType", "")) for word in _FOREIGN):
                 size = descriptor.get("size")
@@ -131,21 +131,16 @@ class ImageCopier:
         manifest = await self.source.manifest(self.source_repository, digest)
         await self._copy_children(manifest, ())
         await self.target.put_manifest(self.target_repository, digest, manifest)
-        self.stats.manifests += 1
 
     async def _copy_blob(self, digest: str, size: int | None) -> None:
         registry = self.target.name
-        if await self.target.has_blob(self.target_repository, digest):
-            self.stats.blobs_skipped += 1
-        elif await self._mount(digest):
-            self.stats.blobs_mounted += 1
-        else:
+        present = await self.target.has_blob(self.target_repository, digest)
+        if not present and not await self._mount(digest):
             async with self.source.blob_stream(self.source_repository, digest) as chunks:
                 tracked = self.progress.track(short(digest), size, chunks)
                 self.stats.bytes += await self.target.upload(
                     self.target_repository, digest, tracked, CHUNK_SIZE
                 )
-            self.stats.blobs_copied += 1
             log.debug("copied blob %s to %s/%s", digest, registry, self.target_repository)
         self.hints.note(registry, digest, self.target_repository)
 

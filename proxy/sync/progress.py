@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Final, Protocol, TextIO
 
-import humanfriendly
+from proxy.settings import format_bytes
 
 __all__ = ["SILENT", "Bars", "Progress", "Silent", "labelled", "on_terminal", "short"]
 
@@ -67,10 +67,6 @@ def short(digest: str) -> str:
     return digest.partition(":")[2][:12] or digest[:12]
 
 
-def _size(value: int) -> str:
-    return humanfriendly.format_size(value, binary=True)
-
-
 class Bars:
     """Bars drawn in place with `\\r` on one terminal line, finished with a newline."""
 
@@ -114,9 +110,10 @@ class Bars:
             fraction = min(done / total, 1.0)
             filled = round(fraction * _BAR_WIDTH)
             bar = "#" * filled + "." * (_BAR_WIDTH - filled)
-            figures = f"{_size(done)} / {_size(total)} {math.floor(fraction * 100):3d}% [{bar}]"
+            percent = math.floor(fraction * 100)
+            figures = f"{format_bytes(done)} / {format_bytes(total)} {percent:3d}% [{bar}]"
         else:
-            figures = _size(done)
+            figures = format_bytes(done)
         room = self._columns() - len(figures) - 2
         if len(label) > room:
             label = "..." + label[len(label) - max(room - 3, 0) :] if room > 3 else ""

@@ -11,10 +11,10 @@ from dataclasses import dataclass, replace
 from typing import Final
 
 from proxy.reference import looks_like_host
+from proxy.settings import DOCKER_HUB
 
 __all__ = ["CacheRef", "Ref", "parse_ref", "parse_target"]
 
-DOCKER_HUB: Final = "docker.io"
 _DOCKER_HUB_ALIASES: Final = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 _TAG: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _REPOSITORY: Final = re.compile(

@@ -91,6 +91,27 @@ class Remote:
         ):
             yield response
 
+    @asynccontextmanager
+    async def _request_at(
+        self,
+        method: str,
+        location: str,
+        repository: str,
+        *,
+        headers: dict[str, str] | None = None,
+        data: bytes | None = None,
+        query: dict[str, str] | None = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """`_open` for an upload session's `Location` (always with push rights)."""
+        async with self.throttle.slot():
+            url = self.client.resolve(location)
+            if query:
+                url = url.update_query(query)
+            async with self.client.request(
+                method, url, repository=repository, headers=headers, data=data, actions="pull,push"
+            ) as response:
+                yield response
+
     async def head_manifest(self, repository: str, reference: str) -> Head | None:
         """The manifest's digest (None if there is none); a HEAD, which Docker Hub does not
         count against the pull limit."""
@@ -191,15 +212,7 @@ class Remote:
 
     async def _cancel(self, repository: str, location: str) -> None:
         try:
-            async with (
-                self.throttle.slot(),
-                self.client.request(
-                    "DELETE",
-                    self.client.resolve(location),
-                    repository=repository,
-                    actions="pull,push",
-                ),
-            ):
+            async with self._request_at("DELETE", location, repository):
                 pass
         except UpstreamError:
             pass  # distribution 2.x may refuse; the session times out anyway
@@ -218,20 +231,15 @@ class Remote:
                 location = await self._patch(repository, location, bytes(buffer[:chunk_size]), sent)
                 sent += chunk_size
                 del buffer[:chunk_size]
-        url = self.client.resolve(location)
-        url = url.update_query({"digest": digest})
         headers = {"Content-Type": "application/octet-stream"}
-        async with (
-            self.throttle.slot(),
-            self.client.request(
-                "PUT",
-                url,
-                repository=repository,
-                headers=headers,
-                data=bytes(buffer),
-                actions="pull,push",
-            ) as response,
-        ):
+        async with self._request_at(
+            "PUT",
+            location,
+            repository,
+            headers=headers,
+            data=bytes(buffer),
+            query={"digest": digest},
+        ) as response:
             if response.status != 201:
                 raise UpstreamStatusError(response.status, f"{self.name}: blob upload not created")
         return sent + len(buffer)
@@ -241,17 +249,9 @@ class Remote:
             "Content-Type": "application/octet-stream",
             "Content-Range": f"{offset}-{offset + len(data) - 1}",
         }
-        async with (
-            self.throttle.slot(),
-            self.client.request(
-                "PATCH",
-                self.client.resolve(location),
-                repository=repository,
-                headers=headers,
-                data=data,
-                actions="pull,push",
-            ) as response,
-        ):
+        async with self._request_at(
+            "PATCH", location, repository, headers=headers, data=data
+        ) as response:
             return self._location(response)
 
     def _location(self, response: aiohttp.ClientResponse) -> str:

@@ -6,11 +6,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import humanfriendly
-
 from proxy.cache import Cache, open_cache
 from proxy.metrics import Metrics
-from proxy.settings import ConfigError, Settings
+from proxy.settings import ConfigError, Settings, format_bytes
 
 from .config import SyncConfig, load_sync_config
 from .endpoints import Endpoints
@@ -32,7 +30,7 @@ def summary(results: list[EntryResult]) -> list[str]:
             str(r.copied),
             str(r.skipped),
             str(r.failed),
-            humanfriendly.format_size(r.bytes, binary=True),
+            format_bytes(r.bytes),
         )
         for r in results
     ]

@@ -22,7 +22,7 @@ from proxy.reference import Digest, Target
 from proxy.store import BlobStore
 
 from .attached import fallback_tag
-from .copy import ImageCopier, MountHints, children
+from .copy import ImageCopier, MountHints, children, is_index
 from .progress import SILENT, Progress, short
 from .refs import Ref, parse_ref
 from .remote import Remote
@@ -55,8 +55,6 @@ class Destination(Protocol):
 
     async def publish_referrers(
         self,
-        source: Remote,
-        repository: str,
         subject: str,
         descriptors: list[dict[str, object]],
         fallback: tuple[str, str] | None,
@@ -85,7 +83,7 @@ async def image_created(
 ) -> datetime.datetime | None:
     """The `created` of an image's config (an index's first image's)."""
     descriptors = children(manifest)
-    if "manifests" in json.loads(manifest.data):
+    if is_index(manifest):
         if not descriptors:
             return None
         manifest = await child(str(descriptors[0]["digest"]))
@@ -139,8 +137,6 @@ class RegistryDestination:
 
     async def publish_referrers(
         self,
-        source: Remote,
-        repository: str,
         subject: str,
         descriptors: list[dict[str, object]],
         fallback: tuple[str, str] | None,
@@ -263,8 +259,6 @@ class CacheDestination:
 
     async def publish_referrers(
         self,
-        source: Remote,
-        repository: str,
         subject: str,
         descriptors: list[dict[str, object]],
         fallback: tuple[str, str] | None,
@@ -280,10 +274,10 @@ class CacheDestination:
     async def _fetch(self, digest: Digest, platforms: tuple[str, ...], progress: Progress) -> int:
         manifest = await self.cache.manifest(self.target, digest, ACCEPT_ALL)
         fetched = len(manifest.data) if manifest.fetched else 0
-        is_index = "manifests" in json.loads(manifest.data)
+        index = is_index(manifest)
         for descriptor in children(manifest, platforms):
             child = Digest.parse(str(descriptor.get("digest")))
-            if is_index:
+            if index:
                 fetched += await self._fetch(child, (), progress)
                 continue
             blob = self.cache.blob(self.target, child)

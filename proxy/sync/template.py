@@ -439,10 +439,6 @@ class Template:
     def parse(cls, text: str) -> Template:
         return cls(text, _parse(text))
 
-    @property
-    def is_static(self) -> bool:
-        return all(isinstance(node, str) for node in self.nodes)
-
     def render(
         self,
         data: object = None,
