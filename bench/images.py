@@ -27,7 +27,7 @@ class Images:
     @staticmethod
     def size(image: Image) -> int:
         """Every byte a full pull transfers: blobs and manifests."""
-        return image.total_blob_size + sum(len(raw) for raw in image.manifests.values())
+        return image.pull_size
 
 
 def seed(workdir: Path, upstream: Registry, plan: Plan) -> Images:

@@ -6,7 +6,6 @@ import base64
 import http.client
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +17,11 @@ from tests.support.certs import CertificateAuthority
 from tests.support.images import push, write_layout
 from tests.support.podman import Podman
 from tests.support.proxy import Proxy
-from tests.support.registry import Registry
+from tests.support.registry import Registry, htpasswd_line
 from tests.test_pull import assert_same_image, one_upstream
 
 REALM = "registry-cache tests"
 CHALLENGE = f'Basic realm="{REALM}"'
-
-
-def htpasswd_line(user: str, password: str, kind: str = "-B") -> str:
-    """An entry as Apache's htpasswd writes it (-B bcrypt, -m MD5, -s SHA-1, -d crypt, -p plain)."""
-    return subprocess.run(
-        ["htpasswd", kind, "-b", "-n", user, password],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout.strip()
 
 
 def write_users(path: Path, users: dict[str, str]) -> Path:

@@ -7,8 +7,6 @@ import http.client
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from tests.support.images import Image, push, write_layout
 from tests.support.proxy import Proxy
 from tests.support.registry import Registry
 from tests.support.standin import blob_files
+from tests.support.wait import wait_for
 
 MiB = 1024 * 1024
 
@@ -47,15 +46,6 @@ def pull(proxy: Proxy, index: int, dest: Path, check: bool = True) -> bool:
     return skopeo.copy(ref, f"dir:{dest}", check=check, timeout=60).returncode == 0
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Poll a condition that another process brings about, with a deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def held(image: Image, data: Path) -> bool:
     return {d.removeprefix("sha256:") for d in image.blobs} <= blob_files(data)
 
@@ -71,8 +61,10 @@ def test_lru_eviction_keeps_the_recently_used_image(
     pull(proxy, 0, tmp_path / "a2")  # A is used again: B is now the least recently used
     pull(proxy, 2, tmp_path / "c1")  # past the high-water mark: the cleaner runs at once
 
-    wait_for(lambda: proxy.metric("evicted_items_total") > 0, "an eviction")
-    wait_for(lambda: proxy.metric("cache_size_bytes") <= 2.5 * MiB, "the cache to shrink")
+    wait_for(lambda: proxy.metric("evicted_items_total") > 0, "an eviction", timeout=20.0)
+    wait_for(
+        lambda: proxy.metric("cache_size_bytes") <= 2.5 * MiB, "the cache to shrink", timeout=20.0
+    )
     assert held(a, proxy.data) and held(c, proxy.data)
     assert not held(b, proxy.data)
 

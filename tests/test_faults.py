@@ -8,11 +8,9 @@ import http.client
 import json
 import os
 import subprocess
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,24 +22,10 @@ from tests.support.proxy import Proxy
 from tests.support.registry import Registry
 from tests.support.standin import blob_files
 from tests.support.tokenserver import TokenServer
+from tests.support.wait import wait_for
+from tests.test_pull import one_upstream
 
 MiB = 1024 * 1024
-
-
-def config_for(url: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "upstreams": [{"name": "test.local", "url": url, **extra}],
-        "default_upstream": "test.local",
-    }
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    """Poll for something another process brings about, with a deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def fetch(proxy: Proxy, path: str, timeout: float = 60) -> tuple[int, bytes]:
@@ -55,13 +39,13 @@ def fetch(proxy: Proxy, path: str, timeout: float = 60) -> tuple[int, bytes]:
         connection.close()
 
 
-def blob_path(image: Image, digest: str) -> str:
+def blob_path(digest: str) -> str:
     return f"/v2/test.local/faulty/app/blobs/{digest}"
 
 
-@pytest.fixture
-def image(tmp_path: Path) -> Image:
-    return write_layout(tmp_path / "layout", "v1", None, [4 * MiB], seed=50)
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
+    return write_layout(tmp_path_factory.mktemp("layout"), "v1", None, [4 * MiB], seed=50)
 
 
 @pytest.fixture
@@ -86,10 +70,10 @@ def test_cut_transfer_fails_the_client_and_the_next_one_resumes(
 ) -> None:
     layer = image.layers[0]
     faulty.cut_after[layer] = MiB + 123
-    proxy = start_proxy(config_for(faulty.url))
+    proxy = start_proxy(one_upstream(faulty))
 
     with pytest.raises(http.client.IncompleteRead):
-        fetch(proxy, blob_path(image, layer))
+        fetch(proxy, blob_path(layer))
     assert layer.removeprefix("sha256:") not in blob_files(proxy.data)
     if restart:
         # The first bytes wait in partial/, under the blob's digest, for the next process.
@@ -97,7 +81,7 @@ def test_cut_transfer_fails_the_client_and_the_next_one_resumes(
         assert [p.name for p in (proxy.data / "partial").iterdir()] == [layer.replace(":", "-")]
         proxy.start()
 
-    status, body = fetch(proxy, blob_path(image, layer))
+    status, body = fetch(proxy, blob_path(layer))
     assert status == 200
     assert hashlib.sha256(body).hexdigest() == layer.removeprefix("sha256:")
     assert 0 < resumed_from(faulty) <= MiB + 123
@@ -117,14 +101,14 @@ def test_stalled_upstream_fails_waiting_clients_and_leaves_nothing_behind(
 ) -> None:
     layer = image.layers[0]
     faulty.stall_after[layer] = 0
-    proxy = start_proxy({**config_for(faulty.url), "upstream_timeouts": {"read": "1s"}})
+    proxy = start_proxy({**one_upstream(faulty), "upstream_timeouts": {"read": "1s"}})
     fetch(proxy, "/v2/")
     baseline = open_descriptors(proxy)
 
     for _ in range(2):
         # The read timeout is 1 s (plus retries); a client that waits 30 s would see a hang.
         with pytest.raises((http.client.IncompleteRead, ConnectionError)):
-            fetch(proxy, blob_path(image, layer), timeout=30)
+            fetch(proxy, blob_path(layer), timeout=30)
 
     wait_for(lambda: proxy.metric("inflight_downloads") == 0, "the download to be dropped")
     assert list((proxy.data / "tmp").iterdir()) == []
@@ -150,7 +134,7 @@ def test_upstream_error_statuses(
     client_status: int,
     upstream_calls: int,
 ) -> None:
-    proxy = start_proxy(config_for(faulty.url))
+    proxy = start_proxy(one_upstream(faulty))
     faulty.statuses.extend(statuses)
     path = f"/v2/test.local/faulty/app/manifests/{image.digest}"
 
@@ -168,7 +152,7 @@ def test_upstream_error_statuses(
 def test_stale_tag_served_while_upstream_errs(
     image: Image, faulty: FaultyUpstream, start_proxy: StartProxy
 ) -> None:
-    proxy = start_proxy(config_for(faulty.url, manifest_ttl=0))
+    proxy = start_proxy(one_upstream(faulty, manifest_ttl=0))
     path = "/v2/test.local/faulty/app/manifests/v1"
     assert proxy.get(path)[0] == 200
     faulty.statuses.extend([503, 503, 503, 500])
@@ -187,8 +171,8 @@ def test_redirect_to_a_failing_blob_store(
     with storage:
         storage.statuses.extend([500])
         faulty.blob_redirect = storage.url
-        proxy = start_proxy(config_for(faulty.url))
-        status, _, body = proxy.get(blob_path(image, image.layers[0]))
+        proxy = start_proxy(one_upstream(faulty))
+        status, _, body = proxy.get(blob_path(image.layers[0]))
     assert status == 503
     assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
     assert storage.requests[("GET", f"/v2/faulty/app/blobs/{image.layers[0]}")] == 1
@@ -208,7 +192,7 @@ def test_token_refused_after_expiry_is_fetched_again(
     # so they are honoured for 2 s. The cache will hold one past its expiry.
     token_server.expires_in = -58
     token_server.claimed_expires_in = 300
-    proxy = start_proxy(config_for(token_upstream.url, username="alice", password="wonderland"))
+    proxy = start_proxy(one_upstream(token_upstream, username="alice", password="wonderland"))
     base = "/v2/test.local/private/app/manifests"
     assert proxy.get(f"{base}/v1")[0] == 200
     issued = token_server.issued
@@ -238,7 +222,7 @@ def test_kill_9_during_downloads_then_restart(
 ) -> None:
     image = write_layout(tmp_path / "big", "v1", None, [8 * MiB] * 10, seed=53)
     push(image, upstream.host, "many/layers")
-    proxy = start_proxy(config_for(upstream.url))
+    proxy = start_proxy(one_upstream(upstream))
     connections = []
     for layer in image.layers:
         connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
@@ -289,7 +273,7 @@ def test_full_disk_streams_without_caching_and_the_cleaner_makes_room(
 ) -> None:
     image = write_layout(tmp_path / "big", "v1", None, [9 * MiB, 9 * MiB, 9 * MiB], seed=54)
     push(image, upstream.host, "big/app")
-    proxy = start_proxy({**config_for(upstream.url), "storage": {"root": str(small_disk)}})
+    proxy = start_proxy({**one_upstream(upstream), "storage": {"root": str(small_disk)}})
     ref = f"docker://{proxy.host}/test.local/big/app:v1"
 
     first = skopeo.copy(ref, f"dir:{tmp_path / 'first'}", check=False)
@@ -314,7 +298,7 @@ def test_a_full_disk_takes_back_parked_partial_downloads_first(
     parked = small_disk / "partial" / f"sha256-{'7' * 64}"
     parked.parent.mkdir()
     parked.write_bytes(os.urandom(8 * MiB))
-    proxy = start_proxy({**config_for(upstream.url), "storage": {"root": str(small_disk)}})
+    proxy = start_proxy({**one_upstream(upstream), "storage": {"root": str(small_disk)}})
     ref = f"docker://{proxy.host}/test.local/parked/app:v1"
 
     # 8 MiB parked and 18 MiB of layers do not fit in 24 MiB.
@@ -329,7 +313,7 @@ def test_client_leaving_halfway_does_not_stop_the_download(
 ) -> None:
     image = write_layout(tmp_path / "big", "v1", None, [24 * MiB], seed=55)
     push(image, upstream.host, "left/app")
-    proxy = start_proxy(config_for(upstream.url))
+    proxy = start_proxy(one_upstream(upstream))
     layer = image.layers[0]
     connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
     connection.request("GET", f"/v2/test.local/left/app/blobs/{layer}")

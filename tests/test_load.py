@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.rss import peak_rss
 from tests.conftest import StartProxy
 from tests.support import skopeo
 from tests.support.images import Image, push, write_layout
@@ -72,14 +73,6 @@ async def _load(proxy: Proxy, repository: str, blobs: list[str]) -> Tally:
     return tally
 
 
-def peak_rss(proxy: Proxy) -> int:
-    assert proxy.pid is not None
-    for line in Path(f"/proc/{proxy.pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
-
-
 def test_two_hundred_connections_pulling_a_mix(
     tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
@@ -99,7 +92,9 @@ def test_two_hundred_connections_pulling_a_mix(
 
     tally = asyncio.run(_load(proxy, "load/app", blobs))
 
-    rss = peak_rss(proxy)
+    assert proxy.pid is not None
+    rss = peak_rss([proxy.pid])
+    assert rss > 0, "no VmHWM"
     figures = {**asdict(tally), "errors": len(tally.errors), "peak_rss": rss, "seconds": DURATION}
     if report := os.environ.get("LOAD_REPORT"):
         Path(report).write_text(json.dumps(figures, indent=2))

@@ -46,10 +46,6 @@ class Pulled:
     secrets: list[str]
 
 
-def image_size(image: Image) -> int:
-    return image.total_blob_size + sum(len(raw) for raw in image.manifests.values())
-
-
 def fetch_json(proxy: Proxy) -> tuple[str, dict[str, Any]]:
     status, headers, body = proxy.get("/status.json")
     assert status == 200
@@ -104,7 +100,7 @@ def test_status_json_reports_what_the_pulls_did(pulled: Pulled) -> None:
     text, status = fetch_json(proxy)
 
     cache = status["cache"]
-    assert cache["size"] == image_size(app) + image_size(tool)
+    assert cache["size"] == app.pull_size + tool.pull_size
     assert cache["items"] == sum(len(i.blobs) + len(i.manifests) for i in (app, tool))
     assert cache["max_size"] == MAX_SIZE
     assert cache["high_water_mark"] == MAX_SIZE * 5 // 4
@@ -138,8 +134,8 @@ def test_status_json_reports_what_the_pulls_did(pulled: Pulled) -> None:
 
     top = [(r["upstream"], r["repository"], r["pulls"], r["size"]) for r in status["repositories"]]
     assert top[:2] == [
-        ("test.local", "team/app", manifest_gets(proxy, "team/app"), image_size(app)),
-        ("test.local", "team/tool", manifest_gets(proxy, "team/tool"), image_size(tool)),
+        ("test.local", "team/app", manifest_gets(proxy, "team/app"), app.pull_size),
+        ("test.local", "team/tool", manifest_gets(proxy, "team/tool"), tool.pull_size),
     ]
     assert status["sync"] is None
     assert status["config"]["cleaner_max_size_bytes"] == MAX_SIZE
@@ -191,7 +187,7 @@ def test_status_page_in_a_browser(tmp_path: Path, pulled: Pulled) -> None:
     assert (
         f'<td>test.local/team/app</td><td class="n">{manifest_gets(proxy, "team/app")}</td>' in dom
     )
-    assert f'<td class="n">{format_size(image_size(app), binary=True)}</td>' in dom
+    assert f'<td class="n">{format_size(app.pull_size, binary=True)}</td>' in dom
     assert "76 of 100 left" in dom
     assert "unreachable" in dom and "reachable" in dom
     assert "no sync configured" in dom

@@ -21,8 +21,6 @@ from tests.support.images import push, write_layout
 from tests.support.registry import Registry
 from tests.test_pull import assert_same_image, one_upstream
 
-_ROTATION_DEADLINE = 10.0
-
 
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:

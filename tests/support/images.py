@@ -74,6 +74,11 @@ class Image:
         """Sum of all config and layer sizes: what a full pull must transfer."""
         return sum(self.blobs.values())
 
+    @property
+    def pull_size(self) -> int:
+        """Every byte a full pull transfers: blobs and manifests."""
+        return self.total_blob_size + sum(len(raw) for raw in self.manifests.values())
+
 
 def sha256_digest(data: bytes) -> str:
     """OCI digest string of `data`."""

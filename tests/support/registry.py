@@ -81,10 +81,13 @@ def parse_access_log(text: str) -> list[AccessEntry]:
     return entries
 
 
-def _htpasswd_line(user: str, password: str) -> str:
-    """bcrypt entry from Apache's htpasswd (distribution only accepts bcrypt)."""
+def htpasswd_line(user: str, password: str, kind: str = "-B") -> str:
+    """An entry as Apache's htpasswd writes it (-B bcrypt, -m MD5, -s SHA-1, -d crypt, -p plain).
+
+    The default, bcrypt, is the only kind distribution (and the proxy) accepts.
+    """
     proc = subprocess.run(
-        ["htpasswd", "-Bbn", user, password],
+        ["htpasswd", kind, "-b", "-n", user, password],
         capture_output=True,
         text=True,
         check=True,
@@ -199,7 +202,7 @@ class Registry:
         self.storage_dir.mkdir(exist_ok=True)
         self.config_path.write_text(json.dumps(self.config(), indent=2))
         if self.auth == "htpasswd":
-            lines = [_htpasswd_line(u, p) for u, p in self.users.items()]
+            lines = [htpasswd_line(u, p) for u, p in self.users.items()]
             self.htpasswd_path.write_text("\n".join(lines) + "\n")
 
     # -- lifecycle -------------------------------------------------------
