@@ -25,9 +25,9 @@ from .metadata import Metadata
 from .metrics import Metrics
 from .routes import API_VERSION_HEADERS, CACHE, CACHE_STATUS, Routes
 from .settings import Settings
-from .status import install_status
+from .status import SYNC_STATUS, install_status
 from .sync import service as sync_service
-from .sync.config import SyncConfig, load_sync_config
+from .sync.config import load_sync_config
 
 __all__ = ["METRICS", "AccessLogger", "build_app"]
 
@@ -165,7 +165,10 @@ def _watch(metrics: Metrics, cache: Cache) -> None:
 
 @asynccontextmanager
 async def _background(
-    settings: Settings, sync_config: SyncConfig | None, cache: Cache, metrics: Metrics
+    settings: Settings,
+    sync: sync_service.SyncBoard | None,
+    cache: Cache,
+    metrics: Metrics,
 ) -> AsyncIterator[None]:
     """The server's own tasks: the cleaner, the access-time writer, the sync worker."""
     cleaner = Cleaner(settings.cleaner, cache.store, cache.metadata, cache.in_use, metrics)
@@ -175,11 +178,9 @@ async def _background(
         asyncio.create_task(cleaner.serve(), name="cleaner"),
         asyncio.create_task(_flush_access_times(cache.metadata), name="access-times"),
     ]
-    if sync_config is not None:
+    if sync is not None:
         tasks.append(
-            asyncio.create_task(
-                sync_service.serve(settings, sync_config, cache, metrics), name="sync"
-            )
+            asyncio.create_task(sync_service.serve(settings, sync, cache, metrics), name="sync")
         )
     try:
         yield
@@ -199,12 +200,15 @@ def build_app(settings: Settings) -> web.Application:
     metrics.max_size.set(settings.cleaner.max_size)
     metrics.high_water.set(settings.cleaner.high_water_mark)
     # Loaded now, so that a bad sync file stops start-up like a bad main configuration.
-    sync_config = load_sync_config(settings.sync_config) if settings.sync_config else None
+    sync = None
+    if settings.sync_config:
+        sync = sync_service.SyncBoard(load_sync_config(settings.sync_config))
+        app[SYNC_STATUS] = sync.entries
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         async with open_cache(settings, metrics) as cache:
             await reconcile(cache.store, cache.metadata)
-            async with _background(settings, sync_config, cache, metrics):
+            async with _background(settings, sync, cache, metrics):
                 app[CACHE] = cache
                 _watch(metrics, cache)
                 log.info(

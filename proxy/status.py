@@ -43,7 +43,8 @@ class SyncEntryStatus(TypedDict):
 
 SyncStatusProvider = Callable[[], list[SyncEntryStatus]]
 SYNC_STATUS: Final = web.AppKey[SyncStatusProvider]("sync_status")
-"""Set by the sync worker when it runs; without it the page says that no sync is configured."""
+"""Set by `build_app` when a sync file is configured (`proxy.sync.service.SyncBoard`);
+without it the page says that no sync is configured."""
 
 
 @dataclass(frozen=True, slots=True)

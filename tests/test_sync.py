@@ -45,6 +45,7 @@ from tests.support.images import Image, push, write_layout
 from tests.support.proxy import Proxy
 from tests.support.registry import Registry
 from tests.support.standin import StandIn, blob_files
+from tests.support.wait import wait_for
 
 NOW = datetime.datetime(2026, 11, 23, 14, 5, 9).astimezone()
 WORKSHOP_BACKUP = (
@@ -799,6 +800,15 @@ def test_the_server_runs_its_sync_entries(
     assert skopeo.read_dir_copy(tmp_path / "out").digest == mirrored.digest
     entry = "test.local/mirrored:v1 -> cache/test.local/mirrored:v1"
     assert proxy.metric("sync_runs_total", f'entry="{entry}",result="ok"') == 1
+
+    # The status page shows the run and the next tick of its one-hour interval.
+    def shown_entries() -> list[dict[str, Any]]:
+        return list(json.loads(proxy.get("/status.json")[2])["sync"])
+
+    wait_for(lambda: shown_entries()[0]["next_run"] is not None, "the next tick to be planned")
+    (shown,) = shown_entries()
+    assert (shown["name"], shown["result"]) == (entry, "1 copied, 0 skipped")
+    assert shown["last_run"] <= time.time() < shown["next_run"] <= time.time() + 3600
 
 
 # -- progress ---------------------------------------------------------------------------------

@@ -97,12 +97,15 @@ async def run_on(
     on_skip: Callable[[], None] = lambda: None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     now: Callable[[], datetime.datetime] = _now,
+    on_due: Callable[[datetime.datetime], None] = lambda due: None,
 ) -> None:
-    """Start `run` at every tick, unless the previous one is still going; until cancelled."""
+    """Start `run` at every tick, unless the previous one is still going; until cancelled.
+    `on_due` is told when the next tick is."""
     running: asyncio.Task[object] | None = None
     try:
         while True:
             due = schedule.next_after(now())
+            on_due(due)
             await sleep(max(0.0, (due - now()).total_seconds()))
             if running is not None and not running.done():
                 log.info("sync %s: previous run still going, tick skipped", name)

@@ -81,6 +81,7 @@ class Worker:
         dry_run: bool = False,
         sleep: Sleep = asyncio.sleep,
         progress: Progress = SILENT,
+        on_result: Callable[[EntryResult], None] = lambda result: None,
     ) -> None:
         self.config = config
         self.endpoints = endpoints
@@ -89,6 +90,7 @@ class Worker:
         self.dry_run = dry_run
         self.sleep = sleep
         self.progress = progress
+        self.on_result = on_result
         self._slots = asyncio.Semaphore(config.parallel)
 
     async def run_all(self, missing: bool = False) -> list[EntryResult]:
@@ -354,6 +356,7 @@ class Worker:
                     self.metrics.sync_tags.labels(name, outcome).inc(count)
             self.metrics.sync_bytes.labels(name).inc(result.bytes)
             self.metrics.sync_last_run.labels(name).set(time.time())
+            self.on_result(result)
         event(
             "sync.done",
             entry=name,
