@@ -7,6 +7,7 @@ image refreshes all of them.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Final
@@ -45,8 +46,10 @@ class Manifest:
     fetched: bool = False  # True when this request's answer came from the upstream
 
 
-def parse_accept(values: list[str]) -> tuple[str, ...]:
-    """Media types from Accept headers (repeated or comma-separated), without parameters."""
+@functools.lru_cache(maxsize=256)
+def parse_accept(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Media types from Accept headers (repeated or comma-separated), without parameters.
+    Memoised: each kind of client sends the same few headers on every request."""
     types = []
     for value in values:
         for part in value.split(","):

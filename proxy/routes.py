@@ -168,6 +168,17 @@ async def _sendfile_growing(
                 await loop.sendfile(request.transport, file, offset, count)
 
 
+@functools.lru_cache(maxsize=4096)
+def _manifest_headers(digest: Digest, media_type: str) -> Mapping[str, str]:
+    """A manifest's response headers, built once per manifest (the response copies them)."""
+    return {
+        **API_VERSION_HEADERS,
+        "Content-Type": media_type,
+        "Docker-Content-Digest": str(digest),
+        "ETag": f'"{digest}"',
+    }
+
+
 class _SentFileResponse(web.FileResponse):
     """A FileResponse the handler sends itself (to hold a lease while it does). aiohttp
     prepares every returned response once more; FileResponse would send the file again."""
@@ -231,19 +242,13 @@ class Routes:
     async def manifest(
         self, request: web.Request, target: Target, reference: Tag | Digest
     ) -> web.Response:
-        accept = parse_accept(request.headers.getall("Accept", []))
+        accept = parse_accept(tuple(request.headers.getall("Accept", ())))
         manifest = await request.app[CACHE].manifest(target, reference, accept)
         if request.method == "GET":
             request.app[PULLS].record(target.upstream, target.repository)
         request[CACHE_STATUS] = "miss" if manifest.fetched else "hit"
         return web.Response(
-            body=manifest.data,
-            headers={
-                **API_VERSION_HEADERS,
-                "Content-Type": manifest.media_type,
-                "Docker-Content-Digest": str(manifest.digest),
-                "ETag": f'"{manifest.digest}"',
-            },
+            body=manifest.data, headers=_manifest_headers(manifest.digest, manifest.media_type)
         )
 
     async def blob(
