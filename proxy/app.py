@@ -21,7 +21,7 @@ from . import errors
 from .auth import AUTH_USER, Authenticator, auth_middleware
 from .cache import Cache, open_cache
 from .errors import RegistryError
-from .logs import access_lines
+from .logs import access_lines, access_members
 from .metadata import Metadata
 from .metrics import Metrics
 from .routes import API_VERSION_HEADERS, CACHE, CACHE_STATUS, Routes
@@ -75,17 +75,18 @@ class AccessLogger(AbstractAccessLogger):
     """One JSON line per request: method, path, status, bytes, cache hit or miss, duration."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        fields = {
-            "method": request.method,
-            "path": request.path,
-            "status": response.status,
-            "bytes": _bytes_sent(request, response),
-            "cache": request.get(CACHE_STATUS),
-            "duration_ms": round(time * 1000, 2),
-            "remote": request.remote,
-            "user": request.get(AUTH_USER),
-        }
-        access_lines().add(fields)
+        access_lines().add(
+            access_members(
+                method=request.method,
+                path=request.path,
+                status=response.status,
+                size=_bytes_sent(request, response),
+                cache=request.get(CACHE_STATUS),
+                duration_ms=round(time * 1000, 2),
+                remote=request.remote,
+                user=request.get(AUTH_USER),
+            )
+        )
 
     @property
     def enabled(self) -> bool:

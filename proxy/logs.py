@@ -10,7 +10,6 @@ import asyncio
 import datetime as dt
 import json
 import logging
-import math
 import sys
 import time
 from json.encoder import encode_basestring_ascii
@@ -18,7 +17,14 @@ from typing import Final, TextIO
 
 from .settings import Settings
 
-__all__ = ["ACCESS_LOGGER", "AccessLines", "JsonFormatter", "access_lines", "configure"]
+__all__ = [
+    "ACCESS_LOGGER",
+    "AccessLines",
+    "JsonFormatter",
+    "access_lines",
+    "access_members",
+    "configure",
+]
 
 _TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s %(message)s"
 ACCESS_LOGGER: Final = "registry_cache.access"
@@ -55,16 +61,17 @@ class AccessLines:
         self._second = -1
         self._stamp = ""
 
-    def add(self, fields: dict[str, object]) -> None:
-        """Queue one request's line; the first of a turn schedules the write."""
+    def add(self, members: str) -> None:
+        """Queue one request's line (its `access_members`); the first of a turn schedules the
+        write."""
         if not self._pending:
             asyncio.get_running_loop().call_soon(self.flush)
         stamp = self._time(time.time())
         if self._json_lines:
             head = f'{{"time": "{stamp}", "level": "INFO", "logger": "{ACCESS_LOGGER}", '
-            self._pending.append(head + _json_members(fields) + "}\n")
+            self._pending.append(f"{head}{members}}}\n")
         else:
-            self._pending.append(f"{stamp} INFO {ACCESS_LOGGER} {{{_json_members(fields)}}}\n")
+            self._pending.append(f"{stamp} INFO {ACCESS_LOGGER} {{{members}}}\n")
 
     def flush(self) -> None:
         if self._pending:
@@ -87,21 +94,29 @@ class AccessLines:
         return f"{self._stamp},{millis:03d}"
 
 
-def _json_members(fields: dict[str, object]) -> str:
-    """`"key": value, ...` as `json.dumps` writes them, in half its time for the flat strings,
-    numbers and nulls of an access line (anything else goes to `json.dumps`)."""
-    members = []
-    for key, value in fields.items():
-        if value is None:
-            text = "null"
-        elif isinstance(value, str):
-            text = encode_basestring_ascii(value)
-        elif type(value) is int or (type(value) is float and math.isfinite(value)):
-            text = repr(value)
-        else:
-            text = json.dumps(value)
-        members.append(f"{encode_basestring_ascii(key)}: {text}")
-    return ", ".join(members)
+def access_members(
+    *,
+    method: str,
+    path: str,
+    status: int,
+    size: int,
+    cache: str | None,
+    duration_ms: float,
+    remote: str | None,
+    user: str | None,
+) -> str:
+    """One request's `"key": value, ...` as `json.dumps` writes them, from one format string:
+    the access line was the costliest part of answering a cached manifest (docs/benchmarks.md).
+    """
+    return (
+        f'"method": {_string(method)}, "path": {_string(path)}, "status": {status}, '
+        f'"bytes": {size}, "cache": {_string(cache)}, "duration_ms": {duration_ms!r}, '
+        f'"remote": {_string(remote)}, "user": {_string(user)}'
+    )
+
+
+def _string(value: str | None) -> str:
+    return "null" if value is None else encode_basestring_ascii(value)
 
 
 _access_lines = AccessLines(sys.stderr, json_lines=False)

@@ -11,7 +11,7 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.logs import AccessLines, _json_members
+from proxy.logs import AccessLines, access_members
 from tests.conftest import StartProxy
 from tests.support.registry import Registry
 from tests.test_pull import one_upstream
@@ -45,7 +45,7 @@ async def test_access_lines_are_written_once_per_loop_turn_in_the_records_format
         stream = io.StringIO()
         lines = AccessLines(stream, json_lines)
         for status in (200, 404, 206):
-            lines.add({"method": "GET", "path": "/v2/", "status": status})
+            lines.add(_members(status=status))
         assert stream.getvalue() == ""
         await asyncio.sleep(0)
         written = stream.getvalue().splitlines()
@@ -62,17 +62,61 @@ async def test_access_lines_are_written_once_per_loop_turn_in_the_records_format
         assert abs(stamp.timestamp() - time.time()) < 60
 
 
+def _members(**overrides: object) -> str:
+    fields: dict[str, object] = {
+        "method": "GET",
+        "path": "/v2/",
+        "status": 200,
+        "size": 0,
+        "cache": None,
+        "duration_ms": 0.5,
+        "remote": "127.0.0.1",
+        "user": None,
+    }
+    return access_members(**(fields | overrides))  # type: ignore[arg-type]
+
+
+_text = st.text()
+
+
 @given(
-    st.dictionaries(
-        st.text(max_size=8),
-        st.none()
-        | st.booleans()
-        | st.integers()
-        | st.floats()
-        | st.text()
-        | st.lists(st.integers()),
-        max_size=8,
-    )
+    method=_text,
+    path=_text,
+    status=st.integers(),
+    size=st.integers(min_value=0),
+    cache=st.none() | _text,
+    duration_ms=st.floats(allow_nan=False, allow_infinity=False),
+    remote=st.none() | _text,
+    user=st.none() | _text,
 )
-def test_access_members_are_written_as_json_dumps_writes_them(fields: dict[str, object]) -> None:
-    assert "{" + _json_members(fields) + "}" == json.dumps(fields)
+def test_access_members_are_written_as_json_dumps_writes_them(
+    method: str,
+    path: str,
+    status: int,
+    size: int,
+    cache: str | None,
+    duration_ms: float,
+    remote: str | None,
+    user: str | None,
+) -> None:
+    members = access_members(
+        method=method,
+        path=path,
+        status=status,
+        size=size,
+        cache=cache,
+        duration_ms=duration_ms,
+        remote=remote,
+        user=user,
+    )
+    fields = {
+        "method": method,
+        "path": path,
+        "status": status,
+        "bytes": size,
+        "cache": cache,
+        "duration_ms": duration_ms,
+        "remote": remote,
+        "user": user,
+    }
+    assert "{" + members + "}" == json.dumps(fields)
