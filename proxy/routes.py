@@ -198,9 +198,11 @@ class Routes:
 
     def install(self, app: web.Application) -> None:
         app[PULLS] = PullCounter()
+        # The catch-all first: aiohttp tries the routes that share the /v2 prefix in the order
+        # they were added, and nearly every request is for a path below /v2/.
+        app.router.add_route("*", "/v2/{path:.+}", self.dispatch)
         app.router.add_route("*", "/v2", self.base)
         app.router.add_route("*", "/v2/", self.base)
-        app.router.add_route("*", "/v2/{path:.+}", self.dispatch)
 
     async def base(self, request: web.Request) -> web.Response:
         self._require_read(request)
