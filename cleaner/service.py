@@ -2,7 +2,9 @@
 
 It runs every `run_every`, and at once when a download pushes the cache past the high-water
 mark (`max_size * (1 + threshold/100)`), so that a burst of pulls cannot fill the disk between
-two runs. Sizes come from the metadata database: no walk of the disk per run.
+two runs. Sizes come from the metadata database: no walk of the disk per run. The budget also
+covers the parked starts of cut downloads (`partial/`, at most a few files): they go first,
+oldest first, being worth less than any verified blob.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 from proxy.metadata import Candidate, Metadata
@@ -24,11 +27,20 @@ from proxy.store import BlobStore
 
 from .policy import choose_victims
 
-__all__ = ["Cleaner", "EvictionReport"]
+__all__ = ["Cleaner", "EvictionReport", "Parked"]
 
 log = logging.getLogger(__name__)
 
 _ROOM_RETRY: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Parked:
+    """The parked start of a cut download."""
+
+    digest: Digest
+    path: Path
+    size: int
 
 
 @dataclass(slots=True)
@@ -38,10 +50,15 @@ class EvictionReport:
     size_before: int
     target: int
     victims: list[Candidate] = field(default_factory=list)
+    dropped: list[Parked] = field(default_factory=list)
 
     @property
     def freed(self) -> int:
-        return sum(victim.size for victim in self.victims)
+        return sum(victim.size for victim in self.victims) + self.dropped_size
+
+    @property
+    def dropped_size(self) -> int:
+        return sum(parked.size for parked in self.dropped)
 
 
 class Cleaner:
@@ -66,8 +83,22 @@ class Cleaner:
 
     def nudge(self, incoming: int = 0) -> None:
         """Wake the cleaner now if `incoming` more bytes would pass the high-water mark."""
-        if self.metadata.total_size + incoming > self.settings.high_water_mark:
+        if self.budgeted_size() + incoming > self.settings.high_water_mark:
             self._nudged.set()
+
+    def budgeted_size(self) -> int:
+        """What the budget covers: the cached items and the parked partial downloads."""
+        return self.metadata.total_size + sum(parked.size for parked in self._parked())
+
+    def _parked(self) -> list[Parked]:
+        """Parked partial downloads, oldest first, but for those being resumed right now.
+        A handful of files: cheap enough to list on every pass and nudge."""
+        found = []
+        for digest, path in reversed(self.store.partials()):
+            with contextlib.suppress(FileNotFoundError):
+                if not self.in_use(str(digest)):
+                    found.append(Parked(digest, path, path.stat().st_size))
+        return found
 
     def make_room(self, needed: int) -> None:
         """The disk is full: free at least `needed` bytes now, whatever the budget says."""
@@ -85,7 +116,7 @@ class Cleaner:
             # The admin `clean` command may have evicted from another process meanwhile.
             await self.metadata.refresh_totals()
             needed, self._room_needed = self._room_needed, 0
-            over_budget = self.metadata.total_size > self.settings.high_water_mark
+            over_budget = self.budgeted_size() > self.settings.high_water_mark
             if not (needed or over_budget):
                 continue
             target = min(self.settings.max_size, self.metadata.total_size - needed)
@@ -117,9 +148,18 @@ class Cleaner:
                     pinned,
                     target,
                 )
+            report = EvictionReport(total, target)
+            parked = self._parked()
+            total += sum(entry.size for entry in parked)
+            for entry in parked:
+                if total <= target:
+                    break
+                if not dry_run:
+                    entry.path.unlink(missing_ok=True)
+                report.dropped.append(entry)
+                total -= entry.size
             candidates = await self.metadata.eviction_candidates()
             victims = choose_victims(candidates, total, target, self.in_use)
-            report = EvictionReport(total, target)
             for victim in victims:
                 if dry_run or await self._evict(victim):
                     report.victims.append(victim)
@@ -143,6 +183,12 @@ class Cleaner:
         return True
 
     def _record(self, report: EvictionReport, seconds: float) -> None:
+        if report.dropped:
+            log.info(
+                "dropped %d parked partial downloads, %d bytes",
+                len(report.dropped),
+                report.dropped_size,
+            )
         if report.victims:
             log.info(
                 "evicted %d items, %d bytes (cache was %d bytes, target %d)",

@@ -68,7 +68,7 @@ async def clean(settings: Settings, max_size: int | None, dry_run: bool, out: Pr
     mark, down to the limit; with it, evict down to `max_size` whatever the size."""
     async with _open(settings) as (store, metadata):
         cleaner = Cleaner(settings.cleaner, store, metadata)
-        total = metadata.total_size  # counted when the database was opened
+        total = cleaner.budgeted_size()  # items counted when the database was opened
         if max_size is None and total <= settings.cleaner.high_water_mark:
             out(
                 f"cache holds {format_bytes(total)}, under the high-water mark "
@@ -76,6 +76,9 @@ async def clean(settings: Settings, max_size: int | None, dry_run: bool, out: Pr
             )
             return 0
         report = await cleaner.clean(max_size=max_size, dry_run=dry_run)
+    dropped = "would drop" if dry_run else "dropped"
+    for parked in report.dropped:
+        out(f"{dropped} parked partial download {parked.digest} {format_bytes(parked.size)}")
     verb = "would evict" if dry_run else "evicted"
     for victim in report.victims:
         out(f"{verb} {victim.kind} {victim.digest} {format_bytes(victim.size)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,35 @@ def test_threshold_and_clean_command(
     assert blob_files(proxy.data) < before
     total = sum(p.stat().st_size for p in (proxy.data / "blobs").rglob("*") if p.is_file())
     assert total <= 2 * MiB
+
+
+def test_parked_partial_downloads_count_against_the_budget_and_go_first(
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
+) -> None:
+    (image,) = images(tmp_path, upstream, 1, MiB)
+    env = {"CLEANER_MAXSIZE": "4M", "CLEANER_THRESHOLD_PERCENTAGE": "20"}
+    proxy = cache_for(start_proxy, upstream, env)
+    # What a cut download leaves behind: the start of a blob, parked under its digest.
+    parked = proxy.data / "partial" / f"sha256-{'7' * 64}"
+    parked.write_bytes(os.urandom(8 * MiB))
+
+    # 1 MiB of image and 8 MiB parked pass the 4.8 MiB high-water mark: the parked bytes go,
+    # and the verified image, within the budget on its own, stays.
+    pull(proxy, 0, tmp_path / "first")
+    wait_for(lambda: not parked.exists(), "the cleaner to drop the parked partial download")
+    assert held(image, proxy.data)
+    assert proxy.metric("evicted_items_total") == 0
+
+    proxy.stop()
+    parked.write_bytes(os.urandom(8 * MiB))
+    dry = proxy.admin("clean", "--dry-run")
+    assert dry.returncode == 0 and f"would drop parked partial download sha256:{'7' * 64}" in (
+        dry.stdout
+    )
+    assert parked.exists()
+    cleaned = proxy.admin("clean")
+    assert cleaned.returncode == 0 and "dropped parked partial download" in cleaned.stdout
+    assert not parked.exists() and held(image, proxy.data)
 
 
 def test_eviction_racing_a_reader_never_gives_a_short_200(
