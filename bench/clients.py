@@ -110,9 +110,14 @@ def wrk_get(
     return LoadResult(report["requests"] / (report["duration_us"] / 1e6), report["p99_us"] / 1000)
 
 
-def ab_head(url: str, headers: dict[str, str], connections: int, seconds: int) -> LoadResult:
-    """HEAD load with ApacheBench (wrk 4.1 hangs on HEAD); keep-alive, as wrk."""
+def ab_head(
+    url: str, headers: dict[str, str], connections: int, seconds: int, workdir: Path
+) -> LoadResult:
+    """HEAD load with ApacheBench (wrk 4.1 hangs on HEAD); keep-alive, as wrk. The p99 comes
+    from ab's percentile file, in microseconds, not from its summary, in whole milliseconds."""
+    percentiles = workdir / "ab-percentiles.csv"
     args = ["ab", "-k", "-i", "-q", "-c", str(connections), "-t", str(seconds), "-n", "100000000"]
+    args += ["-e", str(percentiles)]
     for key, value in headers.items():
         args += ["-H", f"{key}: {value}"]
     out = subprocess.run(
@@ -122,7 +127,7 @@ def ab_head(url: str, headers: dict[str, str], connections: int, seconds: int) -
     if failed and int(failed[2]):
         raise RuntimeError(f"ab saw failures on {url}:\n{out}")
     rate = re.search(r"^Requests per second:\s+([\d.]+)", out, re.M)
-    p99 = re.search(r"^\s+99%\s+(\d+)", out, re.M)
+    p99 = re.search(r"^99,([\d.]+)$", percentiles.read_text(), re.M)
     if rate is None or p99 is None:
         raise RuntimeError(f"unexpected ab output:\n{out}")
     return LoadResult(float(rate[1]), float(p99[1]))

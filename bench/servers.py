@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -62,8 +63,10 @@ class Direct:
         """The upstream outlives the run's targets; its owner stops it."""
 
 
-def _wait_listening(port: int, process: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 10
+def _wait_listening(
+    port: int, process: subprocess.Popen[bytes], what: str, timeout: float = 10.0
+) -> None:
+    deadline = time.monotonic() + timeout
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -184,8 +187,17 @@ class BareAiohttp:
 
     name = "bare aiohttp"
 
-    def __init__(self, workdir: Path, body: bytes, media_type: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        body: bytes,
+        media_type: str,
+        launcher: Sequence[str] = (),
+        ready_timeout: float = 10.0,
+    ) -> None:
         self.port = free_port()
+        self.launcher = list(launcher)
+        self.ready_timeout = ready_timeout
         self.body_path = workdir / "bare-manifest"
         self.body_path.write_bytes(body)
         self.media_type = media_type
@@ -197,9 +209,10 @@ class BareAiohttp:
 
     def reset(self) -> None:
         self.stop()
-        command = [sys.executable, "-m", "bench.bare", str(self.port), str(self.body_path)]
+        command = [*self.launcher, sys.executable, "-m", "bench.bare", str(self.port)]
+        command.append(str(self.body_path))
         self._process = subprocess.Popen([*command, self.media_type], stdin=subprocess.DEVNULL)
-        _wait_listening(self.port, self._process, "the bare aiohttp server")
+        _wait_listening(self.port, self._process, "the bare aiohttp server", self.ready_timeout)
 
     def pids(self) -> list[int]:
         return _pids(self._process.pid if self._process else None)

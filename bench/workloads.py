@@ -115,7 +115,7 @@ def manifests(bench: Bench, server: Server) -> None:
         url = f"{base}/{reference}"
         _request("GET", url)  # cached from here on
         get = clients.wrk_get(url, _ACCEPT, plan.connections, plan.load_seconds, bench.workdir)
-        head = clients.ab_head(url, _ACCEPT, plan.connections, plan.load_seconds)
+        head = clients.ab_head(url, _ACCEPT, plan.connections, plan.load_seconds, bench.workdir)
         for method, result in (("GET", get), ("HEAD", head)):
             bench.record(f"manifest_{method}_{by}_rps", server, result.requests_per_second)
             bench.record(f"manifest_{method}_{by}_p99", server, result.p99_ms)

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -31,6 +32,8 @@ class Proxy:
         config: dict[str, Any],
         env: dict[str, str] | None = None,
         tls: ssl.SSLContext | None = None,
+        launcher: Sequence[str] = (),
+        ready_timeout: float = _READY_TIMEOUT,
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -44,6 +47,9 @@ class Proxy:
         self._process: subprocess.Popen[bytes] | None = None
         self.tls = tls
         """The client context for a proxy that serves HTTPS (it must be configured to)."""
+        self.launcher = list(launcher)
+        """A command the server runs under (a profiler, valgrind), or nothing."""
+        self.ready_timeout = ready_timeout
 
     @property
     def host(self) -> str:
@@ -72,13 +78,21 @@ class Proxy:
         env = self._environment()
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "proxy.cli", "--config", str(self.config_path), "serve"],
+                [
+                    *self.launcher,
+                    sys.executable,
+                    "-m",
+                    "proxy.cli",
+                    "--config",
+                    str(self.config_path),
+                    "serve",
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=self.workdir,
             )
-        deadline = time.monotonic() + _READY_TIMEOUT
+        deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise RuntimeError(f"registry-cache exited at start:\n{self.log()}")
