@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Final
 
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
 from yarl import URL
 
 from . import errors
@@ -28,6 +27,7 @@ from .flight import BlobDownload
 from .manifest import parse_accept
 from .pulls import PULLS, PullCounter
 from .reference import Digest, Tag, Target, looks_like_host, validate_repository
+from .send import BlobSender
 from .settings import DOCKER_HUB, Settings
 
 __all__ = [
@@ -179,22 +179,13 @@ def _manifest_headers(digest: Digest, media_type: str) -> Mapping[str, str]:
     }
 
 
-class _SentFileResponse(web.FileResponse):
-    """A FileResponse the handler sends itself (to hold a lease while it does). aiohttp
-    prepares every returned response once more; FileResponse would send the file again."""
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        if self.prepared:
-            return await web.StreamResponse.prepare(self, request)
-        return await super().prepare(request)
-
-
 class Routes:
     """Thin handlers: parse, call the cache, shape the response."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._route = functools.lru_cache(maxsize=_ROUTE_MEMO_SIZE)(self._parse_route)
+        self._sender = BlobSender()
 
     def install(self, app: web.Application) -> None:
         app[PULLS] = PullCounter()
@@ -273,14 +264,13 @@ class Routes:
             if isinstance(found, LocalBlob):
                 request[CACHE_STATUS] = "hit"
                 span = parse_range(request.headers.get("Range"), found.size)  # 416: OCI JSON
-                # sendfile, Range, conditional requests: aiohttp's FileResponse does them all.
-                # It is sent here, under the lease, so the cleaner cannot remove it meanwhile.
-                response = _SentFileResponse(found.path, headers=headers)
                 # Counted before sending, so a scrape right after the transfer sees it.
                 start, end = span or (0, found.size)
                 cache.metrics.inc(cache.metrics.bytes_served, "cache", amount=end - start)
-                await response.prepare(request)
-                return response
+                # Sent here, under the lease, so the cleaner cannot remove it meanwhile.
+                return await self._sender.send(
+                    request, found.path, digest, span, found.size, headers
+                )
         request[CACHE_STATUS] = "miss"
         return await self._stream_download(request, found, headers)
 

@@ -16,6 +16,7 @@ from tests.support.images import Image, push, write_layout
 from tests.support.proxy import Proxy
 from tests.support.registry import Registry
 from tests.support.standin import StandIn, blob_files
+from tests.support.wait import wait_for
 
 ACCEPT_ALL = ", ".join(
     [
@@ -327,9 +328,16 @@ def test_manifest_head_and_blob_range_and_listings(
     content = image.blob_bytes(layer)
     status, head, body = proxy.get(f"{base}/blobs/{layer}", {"Range": "bytes=10-99"})
     assert (status, body, head["Content-Range"]) == (206, content[10:100], f"bytes 10-99/{size}")
+    # The download a ranged request started goes on; once the blob is stored, it is a hit.
+    wait_for(lambda: layer.removeprefix("sha256:") in blob_files(proxy.data), "the blob stored")
     status, head, body = proxy.get(f"{base}/blobs/{layer}", {"Range": "bytes=10-99"})
     assert (status, body) == (206, content[10:100])
-    assert head["Docker-Content-Digest"] == layer
+    assert (head["Docker-Content-Digest"], head["ETag"]) == (layer, f'"{layer}"')
+    status, _, body = proxy.get(f"{base}/blobs/{layer}", {"If-None-Match": head["ETag"]})
+    assert (status, body) == (304, b"")
+    moved = {"Range": "bytes=10-99", "If-Range": '"an-older-etag"'}
+    status, _, body = proxy.get(f"{base}/blobs/{layer}", moved)
+    assert (status, body) == (200, content), "an If-Range that does not match asks for it all"
     status, _, body = proxy.get(f"{base}/blobs/{layer}", {"Range": f"bytes={size}-"})
     assert (status, json.loads(body)["errors"][0]["code"]) == (416, "RANGE_INVALID")
 
