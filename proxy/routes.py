@@ -7,7 +7,6 @@ so one catch-all route parses the path here, from the right, as the spec says: t
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import json
@@ -27,7 +26,7 @@ from .flight import BlobDownload
 from .manifest import parse_accept
 from .pulls import PULLS, PullCounter
 from .reference import Digest, Tag, Target, looks_like_host, validate_repository
-from .send import BlobSender
+from .send import BlobSender, send_growing
 from .settings import DOCKER_HUB, Settings
 
 __all__ = [
@@ -147,25 +146,6 @@ def _link(path: str, n: int | None, page: Page) -> dict[str, str]:
         return {}
     query = {"last": page.next_last} | ({"n": str(n)} if n is not None else {})
     return {"Link": f'<{URL(path).with_query(query)}>; rel="next"'}
-
-
-async def _sendfile_growing(
-    request: web.Request,
-    download: BlobDownload,
-    start: int,
-    end: int | None,
-    count_bytes: Callable[[int], None],
-) -> None:
-    """Send a download's bytes with sendfile as they land: no copy through Python, and no
-    memory held per client however many wait (plain HTTP only; TLS must encrypt in Python)."""
-    loop = asyncio.get_running_loop()
-    with download.open_file() as file:
-        async with contextlib.aclosing(download.spans(start, end)) as spans:
-            async for offset, count in spans:
-                if request.transport is None or request.transport.is_closing():
-                    raise ConnectionResetError("the client went away")
-                count_bytes(count)
-                await loop.sendfile(request.transport, file, offset, count)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -307,7 +287,7 @@ class Routes:
         served = request.app[CACHE].metrics.bytes_served.labels("upstream")
         try:
             if isinstance(download, BlobDownload) and not request.secure:
-                await _sendfile_growing(request, download, start, end, served.inc)
+                await send_growing(request, download, (start, end), served.inc)
             else:
                 async with contextlib.aclosing(download.read(start, end)) as chunks:
                     async for chunk in chunks:
