@@ -66,8 +66,9 @@ async def oci_errors_counted(request: web.Request, handler: Handler) -> web.Stre
     except Exception:
         log.exception("unexpected error serving %s %s", request.method, request.path)
         response = _error_response(RegistryError(errors.UNAVAILABLE, "internal error", status=500))
-    metrics = request.app[METRICS]
-    metrics.inc(metrics.requests, _route_label(request.path), request.method, str(response.status))
+    request.app[METRICS].requests.inc(
+        _route_label(request.path), request.method, str(response.status)
+    )
     return response
 
 

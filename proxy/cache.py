@@ -131,7 +131,7 @@ class Cache:
     ) -> Manifest:
         """The manifest a GET or HEAD of `reference` answers with."""
         manifest = await self._manifest(target, reference, accept)
-        self.metrics.inc(self.metrics.misses if manifest.fetched else self.metrics.hits, "manifest")
+        (self.metrics.misses if manifest.fetched else self.metrics.hits).inc("manifest")
         return manifest
 
     async def _manifest(
@@ -308,9 +308,9 @@ class Cache:
         """The stored blob, or the download that is bringing it in (started if need be)."""
         local = self.local_blob(digest)
         if local is not None:
-            self.metrics.inc(self.metrics.hits, "blob")
+            self.metrics.hits.inc("blob")
             return local
-        self.metrics.inc(self.metrics.misses, "blob")
+        self.metrics.misses.inc("blob")
         transfer, joined = self.fetcher.get(self.upstreams[target.upstream], target, digest)
         if joined:
             self.metrics.coalesced.labels("blob").inc()

@@ -246,7 +246,7 @@ class Routes:
                 span = parse_range(request.headers.get("Range"), found.size)  # 416: OCI JSON
                 # Counted before sending, so a scrape right after the transfer sees it.
                 start, end = span or (0, found.size)
-                cache.metrics.inc(cache.metrics.bytes_served, "cache", amount=end - start)
+                cache.metrics.bytes_served.labels("cache").inc(end - start)
                 # Sent here, under the lease, so the cleaner cannot remove it meanwhile.
                 return await self._sender.send(
                     request, found.path, digest, span, found.size, headers
