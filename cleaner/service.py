@@ -119,7 +119,12 @@ class Cleaner:
             over_budget = self.budgeted_size() > self.settings.high_water_mark
             if not (needed or over_budget):
                 continue
-            target = min(self.settings.max_size, self.metadata.total_size - needed)
+            # Down to the limit; lower only when the disk needs room now. (Not to the items'
+            # size of this moment: parked partials can pass the mark below the limit, and an
+            # item stored while this pass runs would then be evicted at once.)
+            target = self.settings.max_size
+            if needed:
+                target = min(target, self.metadata.total_size - needed)
             try:
                 report = await self.clean(max_size=max(target, 0))
             except Exception:

@@ -66,7 +66,8 @@ def test_lru_eviction_keeps_the_recently_used_image(
     wait_for(
         lambda: proxy.metric("cache_size_bytes") <= 2.5 * MiB, "the cache to shrink", timeout=20.0
     )
-    assert held(a, proxy.data) and held(c, proxy.data)
+    # C's last blob is committed just after skopeo has it.
+    wait_for(lambda: held(a, proxy.data) and held(c, proxy.data), "A and C to be stored")
     assert not held(b, proxy.data)
 
     upstream.stop()
@@ -121,7 +122,8 @@ def test_parked_partial_downloads_count_against_the_budget_and_go_first(
     # and the verified image, within the budget on its own, stays.
     pull(proxy, 0, tmp_path / "first")
     wait_for(lambda: not parked.exists(), "the cleaner to drop the parked partial download")
-    assert held(image, proxy.data)
+    # A blob is committed to the store just after its last byte went to the client.
+    wait_for(lambda: held(image, proxy.data), "the pulled image to be stored")
     assert proxy.metric("evicted_items_total") == 0
 
     proxy.stop()
