@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 METRICS: Final = web.AppKey("metrics", Metrics)
 _ACCESS_FLUSH_INTERVAL: Final = 5.0
+_CLIENT_CLOSED_REQUEST: Final = 499
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -63,13 +64,25 @@ async def oci_errors_counted(request: web.Request, handler: Handler) -> web.Stre
             raise
         code = errors.UNSUPPORTED if exc.status == 405 else errors.NAME_UNKNOWN
         response = _error_response(RegistryError(code, exc.reason, status=exc.status))
-    except Exception:
-        log.exception("unexpected error serving %s %s", request.method, request.path)
-        response = _error_response(RegistryError(errors.UNAVAILABLE, "internal error", status=500))
+    except Exception as exc:
+        if isinstance(exc, ConnectionError) and _client_gone(request):
+            # The client went away mid-answer (a cancelled pull): nothing to report. aiohttp
+            # closes the connection when this answer cannot be written; the access log and
+            # the request counts say 499, as nginx does for a client that closed its request.
+            response = web.Response(status=_CLIENT_CLOSED_REQUEST)
+        else:
+            log.exception("unexpected error serving %s %s", request.method, request.path)
+            response = _error_response(
+                RegistryError(errors.UNAVAILABLE, "internal error", status=500)
+            )
     request.app[METRICS].requests.inc(
         _route_label(request.path), request.method, str(response.status)
     )
     return response
+
+
+def _client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
 
 
 class AccessLogger(AbstractAccessLogger):

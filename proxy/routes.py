@@ -300,10 +300,8 @@ class Routes:
             if request.transport is not None:
                 request.transport.abort()
             return response
-        except ConnectionError:
-            # The client went away; the download goes on for the others and the cache.
-            log.debug("client left during %s", download.digest)
-            return response
+        # A client that goes away raises ConnectionError (a 499 in the access log, from the
+        # middleware); the download goes on for the others and the cache.
         await response.write_eof()
         return response
 

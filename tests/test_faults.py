@@ -323,5 +323,19 @@ def test_client_leaving_halfway_does_not_stop_the_download(
 
     wait_for(lambda: layer.removeprefix("sha256:") in blob_files(proxy.data), "the blob to land")
     assert upstream.blob_gets(layer) == 1
+    # Leaving a stored blob's transfer is as unremarkable: no error, a 499 in the access log.
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+    connection.request("GET", f"/v2/test.local/left/app/blobs/{layer}")
+    connection.getresponse().read(MiB)
+    connection.close()
     status, body = fetch(proxy, f"/v2/test.local/left/app/blobs/{layer}")
     assert status == 200 and hashlib.sha256(body).hexdigest() == layer.removeprefix("sha256:")
+    wait_for(
+        lambda: (
+            [e["status"] for e in proxy.access_log() if e["path"].endswith(layer)]
+            == [499, 499, 200]
+        ),
+        "both departures in the access log",
+        timeout=5,
+    )
+    assert "Traceback" not in proxy.log() and " ERROR " not in proxy.log()
