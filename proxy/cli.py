@@ -16,7 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from . import admin, health, logs
-from .app import AccessLogger, build_app
+from .app import access_logger, build_app
 from .limits import ConnectionLimiter
 from .settings import ConfigError, Settings, load_settings, parse_size
 from .sync import run as sync_run
@@ -93,7 +93,7 @@ async def _run_server(settings: Settings, ssl_context: ssl.SSLContext | None) ->
     hook the per-address connection cap into.)"""
     runner = web.AppRunner(
         build_app(settings),
-        access_log_class=AccessLogger,
+        access_log_class=access_logger(settings),
         access_log=logging.getLogger(logs.ACCESS_LOGGER) if settings.access_log else None,
         keepalive_timeout=settings.idle_timeout,
         shutdown_timeout=settings.drain_timeout,
