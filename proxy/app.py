@@ -25,6 +25,7 @@ from .logs import access_lines, access_members
 from .metadata import Metadata
 from .metrics import Metrics
 from .routes import API_VERSION_HEADERS, CACHE, CACHE_STATUS, Routes
+from .send import client_gone
 from .settings import Settings
 from .status import SYNC_STATUS, install_status
 from .sync import service as sync_service
@@ -65,7 +66,7 @@ async def oci_errors_counted(request: web.Request, handler: Handler) -> web.Stre
         code = errors.UNSUPPORTED if exc.status == 405 else errors.NAME_UNKNOWN
         response = _error_response(RegistryError(code, exc.reason, status=exc.status))
     except Exception as exc:
-        if isinstance(exc, ConnectionError) and _client_gone(request):
+        if isinstance(exc, ConnectionError) and client_gone(request):
             # The client went away mid-answer (a cancelled pull): nothing to report. aiohttp
             # closes the connection when this answer cannot be written; the access log and
             # the request counts say 499, as nginx does for a client that closed its request.
@@ -79,10 +80,6 @@ async def oci_errors_counted(request: web.Request, handler: Handler) -> web.Stre
         _route_label(request.path), request.method, str(response.status)
     )
     return response
-
-
-def _client_gone(request: web.Request) -> bool:
-    return request.transport is None or request.transport.is_closing()
 
 
 class AccessLogger(AbstractAccessLogger):

@@ -26,7 +26,7 @@ from .flight import BlobDownload
 from .manifest import parse_accept
 from .pulls import PULLS, PullCounter
 from .reference import Digest, Tag, Target, looks_like_host, validate_repository
-from .send import BlobSender, send_growing
+from .send import BlobSender, blob_response, send_growing
 from .settings import DOCKER_HUB, Settings
 
 __all__ = [
@@ -277,12 +277,8 @@ class Routes:
     ) -> web.StreamResponse:
         size = download.size
         span = parse_range(request.headers.get("Range"), size) if size is not None else None
-        response = web.StreamResponse(status=206 if span else 200, headers=headers)
+        response = blob_response(headers, span, size)
         start, end = span or (0, size)
-        if span is not None and size is not None:
-            response.headers["Content-Range"] = f"bytes {start}-{span[1] - 1}/{size}"
-        if end is not None:
-            response.content_length = end - start
         await response.prepare(request)
         served = request.app[CACHE].metrics.bytes_served.labels("upstream")
         try:

@@ -24,7 +24,7 @@ from .errors import RegistryError
 from .flight import BlobDownload
 from .reference import Digest
 
-__all__ = ["BlobSender", "send_growing"]
+__all__ = ["BlobSender", "blob_response", "client_gone", "send_growing"]
 
 COPY_SLOTS: Final = 8
 """Transfers that may copy at once: at most this many 1 MiB buffers."""
@@ -59,11 +59,7 @@ class BlobSender:
         if request.headers.get("If-Range", etag) != etag:
             span = None
         start, end = span or (0, size)
-        response = web.StreamResponse(status=206 if span else 200, headers=headers)
-        response.headers["ETag"] = etag
-        if span is not None:
-            response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-        response.content_length = end - start
+        response = blob_response({**headers, "ETag": etag}, span, size)
         try:
             file = open(path, "rb")  # noqa: SIM115 (closed below, once the body is sent)
         except FileNotFoundError:
@@ -103,15 +99,32 @@ async def send_growing(
     with download.open_file() as file:
         async with contextlib.aclosing(download.spans(*span)) as spans:
             async for offset, count in spans:
-                if request.transport is None or request.transport.is_closing():
-                    raise ConnectionResetError("the client went away")
                 count_bytes(count)
                 await _sendfile(request, file, offset, offset + count)
 
 
+def blob_response(
+    headers: dict[str, str], span: tuple[int, int] | None, size: int | None
+) -> web.StreamResponse:
+    """A blob's response before its body: 206 with `Content-Range` for a span, and its length
+    when the size is known."""
+    response = web.StreamResponse(status=206 if span else 200, headers=headers)
+    if span is not None:
+        response.headers["Content-Range"] = f"bytes {span[0]}-{span[1] - 1}/{size}"
+    if size is not None:
+        start, end = span or (0, size)
+        response.content_length = end - start
+    return response
+
+
+def client_gone(request: web.Request) -> bool:
+    """Whether the client's connection is closed or closing: nothing more reaches it."""
+    return request.transport is None or request.transport.is_closing()
+
+
 async def _sendfile(request: web.Request, file: BinaryIO, start: int, end: int) -> None:
     transport = request.transport
-    if transport is None:
+    if transport is None or transport.is_closing():
         raise ConnectionResetError("the client went away")
     await asyncio.get_running_loop().sendfile(transport, file, start, end - start)
 
