@@ -16,31 +16,21 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Final
 
 from proxy.metadata import Candidate, Metadata
 from proxy.metrics import Metrics
 from proxy.reference import Digest
 from proxy.settings import CleanerSettings
-from proxy.store import BlobStore
+from proxy.store import BlobStore, Parked
 
 from .policy import choose_victims
 
-__all__ = ["Cleaner", "EvictionReport", "Parked"]
+__all__ = ["Cleaner", "EvictionReport"]
 
 log = logging.getLogger(__name__)
 
 _ROOM_RETRY: Final = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class Parked:
-    """The parked start of a cut download."""
-
-    digest: Digest
-    path: Path
-    size: int
 
 
 @dataclass(slots=True)
@@ -93,12 +83,11 @@ class Cleaner:
     def _parked(self) -> list[Parked]:
         """Parked partial downloads, oldest first, but for those being resumed right now.
         A handful of files: cheap enough to list on every pass and nudge."""
-        found = []
-        for digest, path in reversed(self.store.partials()):
-            with contextlib.suppress(FileNotFoundError):
-                if not self.in_use(str(digest)):
-                    found.append(Parked(digest, path, path.stat().st_size))
-        return found
+        return [
+            parked
+            for parked in reversed(self.store.partials())
+            if not self.in_use(str(parked.digest))
+        ]
 
     def make_room(self, needed: int) -> None:
         """The disk is full: free at least `needed` bytes now, whatever the budget says."""

@@ -113,8 +113,8 @@ class BlobFetcher:
         self._tasks: set[asyncio.Task[None]] = set()
         # Cut downloads to continue from, oldest first: parked on disk, so a restart keeps them.
         self._partials: OrderedDict[Digest, Path] = OrderedDict()
-        for digest, path in reversed(store.partials()):
-            self._keep_partial(digest, path)
+        for parked in reversed(store.partials()):
+            self._keep_partial(parked.digest, parked.path)
         self._disk_full_until = 0.0
         # Told how many bytes are on their way into the store (0 once they are in): the
         # cleaner's cue to run before the disk fills.

@@ -11,16 +11,26 @@ import contextlib
 import hashlib
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RegistryError
 from .memo import BytesLRU
 from .reference import Digest
 
-__all__ = ["BlobStore"]
+__all__ = ["BlobStore", "Parked"]
 
 # Memory for the small files read again and again (manifests): enough for thousands of them.
 _READ_CACHE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Parked:
+    """The parked start of a cut download."""
+
+    digest: Digest
+    path: Path
+    size: int
 
 
 class BlobStore:
@@ -56,7 +66,7 @@ class BlobStore:
         os.replace(temp, kept)
         return kept
 
-    def partials(self) -> list[tuple[Digest, Path]]:
+    def partials(self) -> list[Parked]:
         """The parked partial downloads, newest first; a file whose name is not a digest is
         removed. Blocking."""
         found = []
@@ -66,9 +76,13 @@ class BlobStore:
             except RegistryError:
                 path.unlink(missing_ok=True)
                 continue
-            found.append((path.stat().st_mtime, digest, path))
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # resumed or dropped meanwhile
+                continue
+            found.append((stat.st_mtime, Parked(digest, path, stat.st_size)))
         found.sort(key=lambda entry: entry[0], reverse=True)
-        return [(digest, path) for _, digest, path in found]
+        return [parked for _, parked in found]
 
     def commit(self, temp: Path, digest: Digest) -> None:
         """Move a verified temporary file into place, atomically."""
