@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tests.support import skopeo
 
-__all__ = ["LoadResult", "ab_head", "curl_get", "pull", "pulls", "wrk_get"]
+__all__ = ["LoadResult", "ab", "ab_head", "curl_get", "pull", "pulls", "wrk_get"]
 
 _PULL_TIMEOUT = 600.0
 
@@ -116,18 +116,24 @@ def ab_head(
     """HEAD load with ApacheBench (wrk 4.1 hangs on HEAD); keep-alive, as wrk. The p99 comes
     from ab's percentile file, in microseconds, not from its summary, in whole milliseconds."""
     percentiles = workdir / "ab-percentiles.csv"
-    args = ["ab", "-k", "-i", "-q", "-c", str(connections), "-t", str(seconds), "-n", "100000000"]
-    args += ["-e", str(percentiles)]
-    for key, value in headers.items():
-        args += ["-H", f"{key}: {value}"]
-    out = subprocess.run(
-        [*args, url], capture_output=True, text=True, check=True, timeout=seconds + 60
-    ).stdout
-    failed = re.search(r"^(Failed requests|Non-2xx responses):\s+(\d+)", out, re.M)
-    if failed and int(failed[2]):
-        raise RuntimeError(f"ab saw failures on {url}:\n{out}")
+    options = ["-i", "-c", str(connections), "-t", str(seconds), "-n", "100000000"]
+    out = ab(url, headers, [*options, "-e", str(percentiles)], timeout=seconds + 60)
     rate = re.search(r"^Requests per second:\s+([\d.]+)", out, re.M)
     p99 = re.search(r"^99,([\d.]+)$", percentiles.read_text(), re.M)
     if rate is None or p99 is None:
         raise RuntimeError(f"unexpected ab output:\n{out}")
     return LoadResult(float(rate[1]), float(p99[1]))
+
+
+def ab(url: str, headers: dict[str, str], options: list[str], timeout: float) -> str:
+    """ApacheBench with keep-alive, as wrk; its report, or an error if any request failed."""
+    args = ["ab", "-k", "-q", *options]
+    for key, value in headers.items():
+        args += ["-H", f"{key}: {value}"]
+    out = subprocess.run(
+        [*args, url], capture_output=True, text=True, check=True, timeout=timeout
+    ).stdout
+    failed = re.search(r"^(Failed requests|Non-2xx responses):\s+(\d+)", out, re.M)
+    if failed and int(failed[2]):
+        raise RuntimeError(f"ab saw failures on {url}:\n{out}")
+    return out

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.clients import ab
 from bench.servers import BareAiohttp
 from tests.support.images import OCI_INDEX, OCI_MANIFEST, Image, push, write_layout
 from tests.support.proxy import Proxy
@@ -86,11 +87,7 @@ class _Counted:
 
 def _load(url: str, requests: int) -> None:
     """Keep-alive GETs from 8 connections, as a registry client would send them."""
-    command = ["ab", "-k", "-q", "-c", "8", "-n", str(requests), "-H", f"Accept: {_ACCEPT}", url]
-    out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600).stdout
-    failed = re.search(r"^(Failed requests|Non-2xx responses):\s+(\d+)", out, re.M)
-    if failed and int(failed[2]):
-        raise RuntimeError(f"ab saw failures on {url}:\n{out}")
+    ab(url, {"Accept": _ACCEPT}, ["-c", "8", "-n", str(requests)], timeout=600)
 
 
 @contextmanager
