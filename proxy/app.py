@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Handler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
@@ -18,13 +19,13 @@ from cleaner.reconcile import reconcile
 from cleaner.service import Cleaner
 
 from . import errors
-from .auth import AUTH_USER, Authenticator, auth_middleware
+from .auth import AUTH_USER, Authenticator, require_user
 from .cache import Cache, open_cache
 from .errors import RegistryError
 from .logs import access_lines, access_members
 from .metadata import Metadata
 from .metrics import Metrics
-from .routes import API_VERSION_HEADERS, CACHE, CACHE_STATUS, Routes
+from .routes import API_VERSION_HEADERS, CACHE, CACHE_STATUS, Guard, Routes, require_read
 from .send import client_gone
 from .settings import Settings
 from .status import SYNC_STATUS, install_status
@@ -39,8 +40,6 @@ METRICS: Final = web.AppKey("metrics", Metrics)
 _ACCESS_FLUSH_INTERVAL: Final = 5.0
 _CLIENT_CLOSED_REQUEST: Final = 499
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 def _error_response(error: RegistryError) -> web.Response:
     return web.Response(
@@ -51,35 +50,59 @@ def _error_response(error: RegistryError) -> web.Response:
     )
 
 
-@web.middleware
-async def oci_errors_counted(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error leaves as the OCI `{"errors": [...]}` JSON with its status (no tracebacks),
-    and every answer is counted by route, method and status. One middleware, not two: each
-    layer costs every request, and a cached manifest is answered in about 100 µs."""
-    try:
-        response = await handler(request)
-    except RegistryError as exc:
-        response = _error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = errors.UNSUPPORTED if exc.status == 405 else errors.NAME_UNKNOWN
-        response = _error_response(RegistryError(code, exc.reason, status=exc.status))
-    except Exception as exc:
-        if isinstance(exc, ConnectionError) and client_gone(request):
-            # The client went away mid-answer (a cancelled pull): nothing to report. aiohttp
-            # closes the connection when this answer cannot be written; the access log and
-            # the request counts say 499, as nginx does for a client that closed its request.
-            response = web.Response(status=_CLIENT_CLOSED_REQUEST)
-        else:
-            log.exception("unexpected error serving %s %s", request.method, request.path)
-            response = _error_response(
-                RegistryError(errors.UNAVAILABLE, "internal error", status=500)
-            )
-    request.app[METRICS].requests.inc(
-        _route_label(request.path), request.method, str(response.status)
-    )
-    return response
+def oci_errors_counted(handler: Handler) -> Handler:
+    """A route wrapper: every error leaves as the OCI `{"errors": [...]}` JSON with its status
+    (no tracebacks), and every answer is counted by route, method and status.
+
+    A wrapper given to each route, not a middleware: aiohttp runs middlewares through a chain
+    it builds per request, with a layer of its own, which was 5% of a cached manifest's
+    instructions (docs/benchmarks.md)."""
+
+    @functools.wraps(handler)
+    async def answer(request: web.Request) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except RegistryError as exc:
+            response = _error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = errors.UNSUPPORTED if exc.status == 405 else errors.NAME_UNKNOWN
+            response = _error_response(RegistryError(code, exc.reason, status=exc.status))
+        except Exception as exc:
+            if isinstance(exc, ConnectionError) and client_gone(request):
+                # The client went away mid-answer (a cancelled pull): nothing to report.
+                # aiohttp closes the connection when this answer cannot be written; the access
+                # log and the request counts say 499, as nginx does for a client that closed
+                # its request.
+                response = web.Response(status=_CLIENT_CLOSED_REQUEST)
+            else:
+                log.exception("unexpected error serving %s %s", request.method, request.path)
+                response = _error_response(
+                    RegistryError(errors.UNAVAILABLE, "internal error", status=500)
+                )
+        request.app[METRICS].requests.inc(
+            _route_label(request.path), request.method, str(response.status)
+        )
+        return response
+
+    return answer
+
+
+def _guards(settings: Settings) -> tuple[Guard, Guard]:
+    """The wrappers for routes behind client auth, and for those open to all (the probes).
+    Client auth comes inside `oci_errors_counted`, so that its 401 is OCI JSON and counted;
+    loading the htpasswd file here makes a bad one stop start-up."""
+    if not settings.auth:
+        return oci_errors_counted, oci_errors_counted
+    with_user = require_user(Authenticator(settings.auth))
+    return (lambda handler: oci_errors_counted(with_user(handler))), oci_errors_counted
+
+
+async def _unknown_path(request: web.Request) -> web.Response:
+    """What no route answers: a write is refused as such, anything else is not found."""
+    require_read(request)
+    raise RegistryError(errors.NAME_UNKNOWN, "not found", status=404)
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -223,10 +246,9 @@ async def _background(
 
 def build_app(settings: Settings) -> web.Application:
     """The application; its resources are opened on startup and closed on cleanup."""
-    # Client auth comes inside oci_errors_counted, so that its 401 is OCI JSON and counted;
-    # loading the htpasswd file here makes a bad one stop start-up.
-    auth = [auth_middleware(Authenticator(settings.auth))] if settings.auth else []
-    app = web.Application(middlewares=[oci_errors_counted, *auth], client_max_size=1024**2)
+    guarded, open_to_all = _guards(settings)
+    # No middlewares: every route is wrapped instead (see oci_errors_counted).
+    app = web.Application(client_max_size=1024**2)
     metrics = app[METRICS] = Metrics()
     metrics.max_size.set(settings.cleaner.max_size)
     metrics.high_water.set(settings.cleaner.high_water_mark)
@@ -252,9 +274,12 @@ def build_app(settings: Settings) -> web.Application:
 
     app.cleanup_ctx.append(resources)
 
-    app.router.add_get("/healthz", health)
-    app.router.add_get("/readyz", ready)
-    app.router.add_get("/metrics", metrics_endpoint)
-    Routes(settings).install(app)
-    install_status(app, settings, metrics)
+    app.router.add_get("/healthz", open_to_all(health))
+    app.router.add_get("/readyz", open_to_all(ready))
+    metrics_guard = guarded if settings.auth and settings.auth.protect_metrics else open_to_all
+    app.router.add_get("/metrics", metrics_guard(metrics_endpoint))
+    Routes(settings).install(app, guarded)
+    install_status(app, settings, metrics, guarded)
+    # Last: aiohttp tries it after every other route, and answers what none of them takes.
+    app.router.add_route("*", "/{path:.*}", guarded(_unknown_path))
     return app

@@ -12,19 +12,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hmac
 import logging
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import bcrypt
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler
 
 from . import errors
 from .errors import RegistryError
@@ -32,11 +33,9 @@ from .flight import SingleFlight
 from .settings import AuthSettings, ConfigError
 from .watch import WatchedFiles
 
-__all__ = ["AUTH_USER", "Authenticator", "auth_middleware", "read_htpasswd"]
+__all__ = ["AUTH_USER", "Authenticator", "read_htpasswd", "require_user"]
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 AUTH_USER: Final = "auth_user"
 """The request key under which the authenticated user's name is kept (for the access log)."""
@@ -52,8 +51,6 @@ _FIRST_WAIT: Final = 1.0
 _MAX_WAIT: Final = 60.0
 _FORGET_AFTER: Final = 900.0
 _MAX_TRACKED: Final = 10_000
-# Paths that stay open: probes must work without credentials.
-_OPEN_PATHS: Final = frozenset({"/healthz", "/readyz"})
 
 
 def _kind(hashed: bytes) -> str:
@@ -228,16 +225,18 @@ class Authenticator:
         return True
 
 
-def auth_middleware(authenticator: Authenticator) -> Middleware:
-    """Credentials everywhere but the probes, and /metrics unless `auth.protect_metrics`."""
-    open_paths = _OPEN_PATHS | (set() if authenticator.settings.protect_metrics else {"/metrics"})
+def require_user(authenticator: Authenticator) -> Callable[[Handler], Handler]:
+    """A route wrapper that asks for credentials (the probes, and /metrics unless
+    `auth.protect_metrics`, are registered without it)."""
 
-    @web.middleware
-    async def require_user(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in open_paths:
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def with_user(request: web.Request) -> web.StreamResponse:
             request[AUTH_USER] = await authenticator.authenticate(
                 request.headers.get("Authorization"), request.remote or ""
             )
-        return await handler(request)
+            return await handler(request)
 
-    return require_user
+        return with_user
+
+    return wrap

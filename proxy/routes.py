@@ -11,11 +11,12 @@ import contextlib
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from yarl import URL
 
 from . import errors
@@ -33,8 +34,10 @@ __all__ = [
     "API_VERSION_HEADERS",
     "CACHE",
     "CACHE_STATUS",
+    "Guard",
     "Routes",
     "parse_range",
+    "require_read",
     "resolve_target",
 ]
 
@@ -47,7 +50,8 @@ _WRITE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _READ_METHODS: Final = frozenset({"GET", "HEAD"})
 _DOCKER_HUB_NAMES: Final = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
 _ROUTE_MEMO_SIZE: Final = 1024
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Guard = Callable[[Handler], Handler]
+"""Wraps a route's handler with what every answer needs (`proxy.app.oci_errors_counted`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +152,14 @@ def _link(path: str, n: int | None, page: Page) -> dict[str, str]:
     return {"Link": f'<{URL(path).with_query(query)}>; rel="next"'}
 
 
+def require_read(request: web.Request) -> None:
+    """Refuse writes (this is a read-only cache) and methods the API does not have."""
+    if request.method in _WRITE_METHODS:
+        raise RegistryError(errors.UNSUPPORTED, "this registry is a read-only cache")
+    if request.method not in _READ_METHODS:
+        raise RegistryError(errors.UNSUPPORTED, f"method {request.method} is not supported")
+
+
 @functools.lru_cache(maxsize=4096)
 def _manifest_headers(digest: Digest, media_type: str) -> Mapping[str, str]:
     """A manifest's response headers, built once per manifest (the response copies them)."""
@@ -167,27 +179,21 @@ class Routes:
         self._route = functools.lru_cache(maxsize=_ROUTE_MEMO_SIZE)(self._parse_route)
         self._sender = BlobSender()
 
-    def install(self, app: web.Application) -> None:
+    def install(self, app: web.Application, guard: Guard) -> None:
         app[PULLS] = PullCounter()
         # The catch-all first: aiohttp tries the routes that share the /v2 prefix in the order
         # they were added, and nearly every request is for a path below /v2/.
-        app.router.add_route("*", "/v2/{path:.+}", self.dispatch)
-        app.router.add_route("*", "/v2", self.base)
-        app.router.add_route("*", "/v2/", self.base)
+        app.router.add_route("*", "/v2/{path:.+}", guard(self.dispatch))
+        base = guard(self.base)
+        app.router.add_route("*", "/v2", base)
+        app.router.add_route("*", "/v2/", base)
 
     async def base(self, request: web.Request) -> web.Response:
-        self._require_read(request)
+        require_read(request)
         return web.json_response({}, headers=API_VERSION_HEADERS)
 
-    @staticmethod
-    def _require_read(request: web.Request) -> None:
-        if request.method in _WRITE_METHODS:
-            raise RegistryError(errors.UNSUPPORTED, "this registry is a read-only cache")
-        if request.method not in _READ_METHODS:
-            raise RegistryError(errors.UNSUPPORTED, f"method {request.method} is not supported")
-
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
-        self._require_read(request)
+        require_read(request)
         handler = self._route(request.match_info["path"], request.query.get("ns"))
         return await handler(request)
 

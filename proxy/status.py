@@ -20,7 +20,7 @@ from yarl import URL
 
 from .metrics import Metrics, counter_total, counter_values
 from .pulls import PULLS
-from .routes import CACHE
+from .routes import CACHE, Guard
 from .settings import Settings
 from .status_page import render
 from .traffic import SAMPLE_EVERY, Traffic, TrafficHistory
@@ -263,10 +263,13 @@ class StatusCollector:
         await asyncio.gather(task, return_exceptions=True)
 
 
-def install_status(app: web.Application, settings: Settings, metrics: Metrics) -> None:
+def install_status(
+    app: web.Application, settings: Settings, metrics: Metrics, guard: Guard
+) -> None:
     """`/` and `/status` (HTML), `/status.json`; behind client auth like everything not a probe."""
     collector = StatusCollector(settings, metrics)
     app.cleanup_ctx.append(collector.sample_traffic)
-    app.router.add_get("/", collector.page)
-    app.router.add_get("/status", collector.page)
-    app.router.add_get("/status.json", collector.json)
+    page = guard(collector.page)
+    app.router.add_get("/", page)
+    app.router.add_get("/status", page)
+    app.router.add_get("/status.json", guard(collector.json))

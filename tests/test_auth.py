@@ -59,7 +59,13 @@ def test_htpasswd_users_pull_and_nobody_else(
     manifest = "/v2/test.local/team/app/manifests/v1"
     upstream.clear_requests()
 
-    for path in ("/v2/", manifest, f"/v2/test.local/team/app/blobs/{image.layers[0]}"):
+    for path in (
+        "/v2/",
+        manifest,
+        f"/v2/test.local/team/app/blobs/{image.layers[0]}",
+        "/status.json",
+        "/no/such/route",
+    ):
         assert_refused(proxy, path)
     wrong = assert_refused(proxy, manifest, basic("alice", "not-her-password"))
     unknown = assert_refused(proxy, manifest, basic("mallory", "not-her-password"))

@@ -222,6 +222,9 @@ def test_corrupt_upstream_bytes_never_enter_the_cache(
         ("POST", "/v2/test.local/app/blobs/uploads/", 405, "UNSUPPORTED"),
         ("PATCH", "/v2/test.local/app/blobs/uploads/abc", 405, "UNSUPPORTED"),
         ("DELETE", "/v2/test.local/app/manifests/sha256:" + "a" * 64, 405, "UNSUPPORTED"),
+        ("GET", "/v1/search", 404, "NAME_UNKNOWN"),
+        ("POST", "/healthz", 405, "UNSUPPORTED"),
+        ("OPTIONS", "/v2/test.local/app/manifests/latest", 405, "UNSUPPORTED"),
     ],
 )
 def test_bad_input_gets_oci_errors_and_goes_nowhere(
