@@ -302,8 +302,8 @@ class Routes:
             if request.transport is not None:
                 request.transport.abort()
             return response
-        # A client that goes away raises ConnectionError (a 499 in the access log, from the
-        # middleware); the download goes on for the others and the cache.
+        # A client that goes away raises ConnectionError (a 499 in the access log, from
+        # oci_errors_counted); the download goes on for the others and the cache.
         await response.write_eof()
         return response
 
