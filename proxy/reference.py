@@ -12,7 +12,7 @@ import functools
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from .errors import DIGEST_INVALID, NAME_INVALID, TAG_INVALID, RegistryError
 
@@ -67,9 +67,11 @@ class Tag:
         return self.value
 
 
-@dataclass(frozen=True, slots=True)
-class Digest:
-    """A validated content digest of an algorithm we can verify."""
+class Digest(NamedTuple):
+    """A validated content digest of an algorithm we can verify.
+
+    A NamedTuple: it keys the memos every cached manifest request looks in, and a tuple hashes
+    and compares in C where a dataclass calls Python methods."""
 
     algorithm: str
     encoded: str
