@@ -64,11 +64,6 @@ def oci_errors_counted(handler: Handler) -> Handler:
             response = await handler(request)
         except RegistryError as exc:
             response = _error_response(exc)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            code = errors.UNSUPPORTED if exc.status == 405 else errors.NAME_UNKNOWN
-            response = _error_response(RegistryError(code, exc.reason, status=exc.status))
         except Exception as exc:
             if isinstance(exc, ConnectionError) and client_gone(request):
                 # The client went away mid-answer (a cancelled pull): nothing to report.
