@@ -210,8 +210,8 @@ class BareAiohttp:
     def reset(self) -> None:
         self.stop()
         command = [*self.launcher, sys.executable, "-m", "bench.bare", str(self.port)]
-        command.append(str(self.body_path))
-        self._process = subprocess.Popen([*command, self.media_type], stdin=subprocess.DEVNULL)
+        command += [str(self.body_path), self.media_type]
+        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         _wait_listening(self.port, self._process, "the bare aiohttp server", self.ready_timeout)
 
     def pids(self) -> list[int]:
