@@ -27,7 +27,14 @@ from . import errors
 from .blobfetch import BlobFetcher, DirectTransfer
 from .errors import RegistryError, UpstreamError, upstream_failure
 from .flight import BlobDownload, SingleFlight
-from .manifest import ACCEPT_ALL, MAX_MANIFEST_SIZE, Manifest, acceptable, read_manifest
+from .manifest import (
+    ACCEPT_ALL,
+    MAX_MANIFEST_SIZE,
+    Manifest,
+    acceptable,
+    is_schema1,
+    read_manifest,
+)
 from .metadata import ItemRecord, Metadata, ReferrersPage, TagRecord
 from .metrics import Metrics
 from .reference import Digest, Tag, Target
@@ -54,10 +61,11 @@ class LocalBlob:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """One page of a listing, and the `last` to continue from when there is more."""
+    """One page of a listing, and the query that asks for the next one, if there is more:
+    ours (`last`, `n`), or an upstream's own, opaque (Quay pages with a `next_page` token)."""
 
     items: list[str]
-    next_last: str | None
+    next_query: str | None
 
 
 def paginate(items: list[str], n: int | None, last: str | None) -> Page:
@@ -67,7 +75,7 @@ def paginate(items: list[str], n: int | None, last: str | None) -> Page:
     if n is None or n >= len(items):
         return Page(items, None)
     page = items[:n]
-    return Page(page, page[-1] if page else None)
+    return Page(page, urlencode({"last": page[-1], "n": n}) if page else None)
 
 
 class Cache:
@@ -141,15 +149,20 @@ class Cache:
             return await self._manifest_by_digest(target, reference)
         ttl = self.upstreams[target.upstream].settings.manifest_ttl
         record = await self.metadata.tag(target.upstream, target.repository, reference.value)
+        tagged = None
         if record is not None and time.time() - record.checked_at < ttl:
-            local = await self._local_manifest(Digest.parse(record.digest))
-            if local is not None and acceptable(local.media_type, accept):
-                self.metadata.touch(record.digest)
-                return local
-        key = ("tag", target.upstream, target.repository, reference.value, accept)
-        return await self._manifest_flights.do(
-            key, lambda: self._refresh_tag(target, reference, accept, record)
-        )
+            tagged = await self._local_manifest(Digest.parse(record.digest))
+        if tagged is None:
+            # One revalidation per tag, whatever the clients accept: the tag is recorded as
+            # the upstream answers a client that takes every type (a list, for multi-arch).
+            key = ("tag", target.upstream, target.repository, reference.value)
+            tagged = await self._manifest_flights.do(
+                key, lambda: self._refresh_tag(target, reference, record)
+            )
+        if acceptable(tagged.media_type, accept):
+            self.metadata.touch(str(tagged.digest))
+            return tagged
+        return await self._variant(target, reference, accept, tagged)
 
     async def _local_manifest(self, digest: Digest) -> Manifest | None:
         record = await self.metadata.item(str(digest))
@@ -174,47 +187,57 @@ class Cache:
         except UpstreamError as exc:
             raise upstream_failure(exc, errors.MANIFEST_UNKNOWN) from None
 
-    async def _refresh_tag(
-        self,
-        target: Target,
-        tag: Tag,
-        accept: tuple[str, ...],
-        record: TagRecord | None,
-    ) -> Manifest:
-        """Revalidate a tag with a HEAD (free on Docker Hub), fetching only what changed."""
+    async def _refresh_tag(self, target: Target, tag: Tag, record: TagRecord | None) -> Manifest:
+        """Revalidate a tag with a HEAD (free on Docker Hub), fetching only what changed; while
+        the upstream is unreachable, the copy we hold stands in."""
         local = await self._local_manifest(Digest.parse(record.digest)) if record else None
         try:
-            if local is not None and acceptable(local.media_type, accept):
-                current = await self._head_manifest_digest(target, tag, accept)
-                if current == local.digest:
-                    manifest = local
-                elif current is not None:
-                    manifest = await self._manifest_by_digest(target, current)
-                else:
-                    manifest = await self._fetch_manifest(target, tag.value, accept or ACCEPT_ALL)
+            current = await self._head_manifest_digest(target, tag) if local is not None else None
+            if local is not None and current == local.digest:
+                manifest = local
+            elif current is not None:
+                manifest = await self._manifest_by_digest(target, current)
             else:
-                manifest = await self._fetch_manifest(target, tag.value, accept or ACCEPT_ALL)
+                manifest = await self._fetch_manifest(target, tag.value, ACCEPT_ALL)
         except UpstreamError as exc:
-            if local is not None and not isinstance(exc, errors.UpstreamNotFound):
+            if local is not None and _stands_in(exc):
                 self._warn_stale(target.upstream, exc)
-                self.metadata.touch(str(local.digest))
                 return local
             raise upstream_failure(exc, errors.MANIFEST_UNKNOWN) from None
-        if local is None or acceptable(local.media_type, accept):
-            # A variant fetched for a client with a narrow Accept does not move the tag.
-            await self.metadata.set_tag(
-                target.upstream,
-                target.repository,
-                tag.value,
-                TagRecord(str(manifest.digest), time.time()),
-            )
-        self.metadata.touch(str(manifest.digest))
+        await self.metadata.set_tag(
+            target.upstream,
+            target.repository,
+            tag.value,
+            TagRecord(str(manifest.digest), time.time()),
+        )
         return manifest
 
-    async def _head_manifest_digest(
-        self, target: Target, tag: Tag, accept: tuple[str, ...]
-    ) -> Digest | None:
-        headers = {"Accept": ", ".join(accept or ACCEPT_ALL)}
+    async def _variant(
+        self, target: Target, tag: Tag, accept: tuple[str, ...], tagged: Manifest
+    ) -> Manifest:
+        """The manifest for a client that does not take the tag's own type (a client without
+        lists asking for a multi-arch tag): the upstream is asked with just the types the
+        client named, and picks, as registries do, a platform's manifest. Never recorded as
+        the tag, which stays what clients that take every type get."""
+        wanted = tuple(media_type for media_type in accept if media_type in ACCEPT_ALL)
+        if wanted:
+            key = ("variant", target.upstream, target.repository, tag.value, wanted)
+            try:
+                manifest = await self._manifest_flights.do(
+                    key, lambda: self._fetch_manifest(target, tag.value, wanted)
+                )
+            except UpstreamError as exc:
+                raise upstream_failure(exc, errors.MANIFEST_UNKNOWN) from None
+            if acceptable(manifest.media_type, accept):
+                self.metadata.touch(str(manifest.digest))
+                return manifest
+        raise RegistryError(
+            errors.MANIFEST_UNKNOWN,
+            f"{tag} is a {tagged.media_type}, which the request's Accept header does not take",
+        )
+
+    async def _head_manifest_digest(self, target: Target, tag: Tag) -> Digest | None:
+        headers = {"Accept": ", ".join(ACCEPT_ALL)}
         async with self._request(
             target,
             "HEAD",
@@ -245,6 +268,12 @@ class Cache:
             data = await read_body(response, MAX_MANIFEST_SIZE)
             content_type = response.headers.get("Content-Type")
             header_digest = response.headers.get("Docker-Content-Digest")
+        if is_schema1(content_type):
+            # What distribution converts a manifest to for a client that takes none of the
+            # modern types; a signed one's digest does not cover its bytes.
+            raise RegistryError(
+                errors.MANIFEST_UNKNOWN, f"{reference}: the upstream has only a schema 1 manifest"
+            )
         digest = self._verify_manifest(data, expected, header_digest)
         media_type, children = read_manifest(data, content_type)
         await asyncio.to_thread(self.store.write, digest, data)
@@ -332,17 +361,23 @@ class Cache:
 
     # -- listings ----------------------------------------------------------------------------
 
-    async def tags(self, target: Target, n: int | None, last: str | None) -> Page:
-        """The upstream's tag list, or the tags we know when the upstream is unreachable."""
-        params = {key: str(value) for key, value in (("n", n), ("last", last)) if value is not None}
+    async def tags(self, target: Target, query: Mapping[str, str], n: int | None) -> Page:
+        """The upstream's tag list, or the tags we know when the upstream is unreachable.
+
+        The query (`n`, `last`, or an upstream's own paging token) goes to the upstream as the
+        client sent it; an upstream that does not page has its whole list paged here.
+        """
+        last = query.get("last")
         try:
-            async with self._request(target, "GET", "tags/list", params=params) as response:
+            async with self._request(
+                target, "GET", "tags/list", params=dict(query) or None
+            ) as response:
                 document = json.loads(await read_body(response, MAX_MANIFEST_SIZE))
                 link = response.headers.get("Link")
         except UpstreamError as exc:
-            if isinstance(exc, errors.UpstreamNotFound):
-                raise RegistryError(errors.NAME_UNKNOWN) from None
-            known = await self.metadata.tags(target.upstream, target.repository)
+            known = None
+            if _stands_in(exc):
+                known = await self.metadata.tags(target.upstream, target.repository)
             if not known:
                 raise upstream_failure(exc, errors.NAME_UNKNOWN) from None
             self._warn_stale(target.upstream, exc)
@@ -354,7 +389,7 @@ class Cache:
         tags = document.get("tags") if isinstance(document, dict) else None
         listed = [tag for tag in tags or [] if isinstance(tag, str)]
         if link:
-            return Page(listed, _link_last(link))
+            return Page(listed, _link_query(link))
         # An upstream that does not paginate (distribution 2.x) gets paginated here.
         return paginate(sorted(listed), n, last)
 
@@ -367,14 +402,12 @@ class Cache:
 
         The query (the `artifactType` filter, the upstream's own paging parameters) goes to the
         upstream as the client sent it; the next page's query comes back as the upstream wrote
-        it, opaque, for the client to ask us for.
+        it, opaque, for the client to ask us for. Only first pages are kept (at most one per
+        filter): a query with anything else would let clients add rows at will.
         """
-        kept_as = (
-            target.upstream,
-            target.repository,
-            str(digest),
-            urlencode(sorted(query.items())),
-        )
+        kept_as = None
+        if set(query) <= {"artifactType"}:
+            kept_as = (target.upstream, target.repository, str(digest), urlencode(query))
         try:
             async with self._request(
                 target, "GET", f"referrers/{digest}", params=dict(query) or None
@@ -388,14 +421,15 @@ class Cache:
                 link = response.headers.get("Link")
         except UpstreamError as exc:
             kept = None
-            if not isinstance(exc, errors.UpstreamNotFound):
+            if kept_as is not None and _stands_in(exc):
                 kept = await self.metadata.referrers(*kept_as)
             if kept is None:
                 raise upstream_failure(exc, errors.MANIFEST_UNKNOWN) from None
             self._warn_stale(target.upstream, exc)
             return kept
         page = ReferrersPage(body, headers, _link_query(link) if link else None)
-        await self.metadata.set_referrers(*kept_as, page)
+        if kept_as is not None:
+            await self.metadata.set_referrers(*kept_as, page)
         return page
 
     async def catalog(self, n: int | None, last: str | None) -> Page:
@@ -407,9 +441,10 @@ def _link_target(link: str) -> URL:
     return URL(link.split(";", 1)[0].strip().strip("<>"))
 
 
-def _link_last(link: str) -> str | None:
-    """The `last` of an upstream's `Link: <...?last=x&n=y>; rel="next"`."""
-    return _link_target(link).query.get("last")
+def _stands_in(exc: UpstreamError) -> bool:
+    """Whether what the cache holds may answer instead of the upstream: it is unreachable or
+    rate-limited, not refusing (a 404, or a 401/403 after a repository turned private)."""
+    return isinstance(exc, (errors.UpstreamUnavailable, errors.UpstreamRateLimited))
 
 
 def _link_query(link: str) -> str | None:

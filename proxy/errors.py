@@ -155,8 +155,9 @@ def upstream_failure(exc: UpstreamError, unknown: ErrorCode) -> RegistryError:
         headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
         return RegistryError(TOOMANYREQUESTS, str(exc), headers=headers)
     if isinstance(exc, UpstreamUnauthorized):
-        code = DENIED if exc.status == 403 else UNAUTHORIZED
-        return RegistryError(code, f"the upstream refused the cache's credentials: {exc}")
+        # A 403, even for the upstream's 401: a 401 must carry a challenge the client could
+        # answer, and the client's credentials (if any) are the cache's, which were accepted.
+        return RegistryError(DENIED, f"the upstream refused the cache's credentials: {exc}")
     if isinstance(exc, UpstreamAnswerTooLarge):
         return RegistryError(MANIFEST_INVALID, str(exc))
     if isinstance(exc, UpstreamUnavailable):

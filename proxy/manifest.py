@@ -19,6 +19,7 @@ __all__ = [
     "MAX_MANIFEST_SIZE",
     "Manifest",
     "acceptable",
+    "is_schema1",
     "parse_accept",
     "read_manifest",
 ]
@@ -49,15 +50,28 @@ class Manifest(NamedTuple):
 
 @functools.lru_cache(maxsize=256)
 def parse_accept(values: tuple[str, ...]) -> tuple[str, ...]:
-    """Media types from Accept headers (repeated or comma-separated), without parameters.
-    Memoised: each kind of client sends the same few headers on every request."""
+    """Media types from Accept headers (repeated or comma-separated), without parameters and
+    without those refused with `q=0`. Memoised: each kind of client sends the same few headers
+    on every request."""
     types = []
     for value in values:
         for part in value.split(","):
-            media_type = part.split(";", 1)[0].strip().lower()
-            if media_type:
+            media_type, *parameters = part.split(";")
+            media_type = media_type.strip().lower()
+            if media_type and not any(_refuses(parameter) for parameter in parameters):
                 types.append(media_type)
     return tuple(dict.fromkeys(types))
+
+
+def _refuses(parameter: str) -> bool:
+    """Whether an Accept parameter is a quality of zero (RFC 9110, 12.4.2: "not acceptable")."""
+    name, _, value = parameter.partition("=")
+    if name.strip().lower() != "q":
+        return False
+    try:
+        return float(value) == 0
+    except ValueError:
+        return False
 
 
 def acceptable(media_type: str, accept: tuple[str, ...]) -> bool:
@@ -66,6 +80,12 @@ def acceptable(media_type: str, accept: tuple[str, ...]) -> bool:
     No Accept at all, or a wildcard, takes anything, as distribution does.
     """
     return not accept or media_type in accept or "*/*" in accept or "application/*" in accept
+
+
+def is_schema1(content_type: str | None) -> bool:
+    """Whether a Content-Type names a Docker schema 1 manifest (deprecated; never served)."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    return media_type in (DOCKER_V1_SIGNED, DOCKER_V1)
 
 
 def read_manifest(data: bytes, content_type: str | None) -> tuple[str, list[str]]:

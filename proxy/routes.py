@@ -111,7 +111,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if unit.strip().lower() != "bytes" or "," in spec:
         return None
     first, dash, last = spec.strip().partition("-")
-    if not dash or not (first.isdigit() or last.isdigit()):
+    if not dash or not (first or last) or not all(map(_decimal, (first, last))):
         return None
     if not first:
         length = int(last)
@@ -125,6 +125,11 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if start >= size:
         raise _unsatisfiable(size)
     return start, end
+
+
+def _decimal(text: str) -> bool:
+    """Whether one end of a byte range is empty or ASCII digits (`isdigit` also takes "²")."""
+    return text.isascii() and (not text or text.isdigit())
 
 
 def _unsatisfiable(size: int) -> RegistryError:
@@ -144,12 +149,16 @@ def _page_number(query: Mapping[str, str]) -> int | None:
     return int(text)
 
 
-def _link(path: str, n: int | None, page: Page) -> dict[str, str]:
-    """The RFC 5988 `Link` to the next page, if there is one."""
-    if page.next_last is None:
+def _link(request: web.Request, next_query: str | None) -> dict[str, str]:
+    """The RFC 5988 `Link` to the next page, if there is one, under our path; it keeps
+    containerd's `ns`, which chose the upstream of the first page."""
+    if next_query is None:
         return {}
-    query = {"last": page.next_last} | ({"n": str(n)} if n is not None else {})
-    return {"Link": f'<{URL(path).with_query(query)}>; rel="next"'}
+    link = URL(f"{request.path}?{next_query}")
+    ns = request.query.get("ns")
+    if ns is not None:
+        link = link.update_query(ns=ns)
+    return {"Link": f'<{link}>; rel="next"'}
 
 
 def require_read(request: web.Request) -> None:
@@ -238,6 +247,7 @@ class Routes:
             "Docker-Content-Digest": str(digest),
             "Content-Type": "application/octet-stream",
             "Accept-Ranges": "bytes",
+            "ETag": f'"{digest}"',
         }
         if request.method == "HEAD":
             size = await request.app[CACHE].blob_size(target, digest)
@@ -313,23 +323,18 @@ class Routes:
             return web.json_response(
                 {"name": target.client_name, "tags": []}, headers=API_VERSION_HEADERS
             )
-        page = await request.app[CACHE].tags(target, n, request.query.get("last"))
+        query = {key: value for key, value in request.query.items() if key != "ns"}
+        page = await request.app[CACHE].tags(target, query, n)
         return web.json_response(
             {"name": target.client_name, "tags": page.items},
-            headers={**API_VERSION_HEADERS, **_link(request.path, n, page)},
+            headers={**API_VERSION_HEADERS, **_link(request, page.next_query)},
         )
 
     async def referrers(self, request: web.Request, target: Target, digest: Digest) -> web.Response:
         """Passed through a page at a time: the upstream's next page is linked under our path."""
-        ns = request.query.get("ns")
         query = {key: value for key, value in request.query.items() if key != "ns"}
         page = await request.app[CACHE].referrers(target, digest, query)
-        headers = {**API_VERSION_HEADERS, **page.headers}
-        if page.next_query is not None:
-            link = URL(f"{request.path}?{page.next_query}")
-            if ns is not None:
-                link = link.update_query(ns=ns)
-            headers["Link"] = f'<{link}>; rel="next"'
+        headers = {**API_VERSION_HEADERS, **page.headers, **_link(request, page.next_query)}
         return web.Response(body=page.body, headers=headers)
 
     async def catalog(self, request: web.Request) -> web.Response:
@@ -340,5 +345,5 @@ class Routes:
         return web.Response(
             text=json.dumps({"repositories": page.items}),
             content_type="application/json",
-            headers={**API_VERSION_HEADERS, **_link(request.path, n, page)},
+            headers={**API_VERSION_HEADERS, **_link(request, page.next_query)},
         )

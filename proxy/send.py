@@ -50,16 +50,16 @@ class BlobSender:
         """The whole blob, or `span` of it (206), from the file at `path`; the file is
         opened before anything is sent, so a missing one is an error, not a short body.
 
-        The ETag is the digest, as distribution sends it: `If-None-Match` with it is a 304,
-        and an `If-Range` naming anything else asks for the whole blob.
+        `headers` carry the ETag (the digest, as distribution sends it): an `If-None-Match`
+        listing it is a 304, and an `If-Range` naming anything else asks for the whole blob.
         """
-        etag = f'"{digest}"'
-        if request.headers.get("If-None-Match") in (etag, "*"):
-            return web.StreamResponse(status=304, headers={**headers, "ETag": etag})
+        etag = headers["ETag"]
+        if _none_match(request.headers.get("If-None-Match"), etag):
+            return web.StreamResponse(status=304, headers=headers)
         if request.headers.get("If-Range", etag) != etag:
             span = None
         start, end = span or (0, size)
-        response = blob_response({**headers, "ETag": etag}, span, size)
+        response = blob_response(headers, span, size)
         try:
             file = open(path, "rb")  # noqa: SIM115 (closed below, once the body is sent)
         except FileNotFoundError:
@@ -115,6 +115,15 @@ def blob_response(
         start, end = span or (0, size)
         response.content_length = end - start
     return response
+
+
+def _none_match(header: str | None, etag: str) -> bool:
+    """Whether an `If-None-Match` header lists `etag` or is "*" (RFC 9110, 13.1.2: a list,
+    compared weakly)."""
+    if header is None:
+        return False
+    listed = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    return etag in listed or "*" in listed
 
 
 def client_gone(request: web.Request) -> bool:

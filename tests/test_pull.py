@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,11 @@ from tests.support.registry import Registry
 from tests.support.standin import StandIn, blob_files
 from tests.support.wait import wait_for
 
-ACCEPT_ALL = ", ".join(
-    [
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-    ]
-)
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+ACCEPT_ALL = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 
 
 # A cosign signature as the referrers API lists it.
@@ -325,7 +323,7 @@ def test_manifest_head_and_blob_range_and_listings(
     size = image.blobs[layer]
     upstream.clear_requests()
     status, head, _ = proxy.get(f"{base}/blobs/{layer}", method="HEAD")
-    assert (status, head["Content-Length"]) == (200, str(size))
+    assert (status, head["Content-Length"], head["ETag"]) == (200, str(size), f'"{layer}"')
     assert upstream.blob_gets(layer) == 0, "a HEAD on an uncached blob is not a download"
 
     content = image.blob_bytes(layer)
@@ -336,8 +334,12 @@ def test_manifest_head_and_blob_range_and_listings(
     status, head, body = proxy.get(f"{base}/blobs/{layer}", {"Range": "bytes=10-99"})
     assert (status, body) == (206, content[10:100])
     assert (head["Docker-Content-Digest"], head["ETag"]) == (layer, f'"{layer}"')
-    status, _, body = proxy.get(f"{base}/blobs/{layer}", {"If-None-Match": head["ETag"]})
-    assert (status, body) == (304, b"")
+    for listed in (head["ETag"], f'"other", W/{head["ETag"]}'):
+        status, _, body = proxy.get(f"{base}/blobs/{layer}", {"If-None-Match": listed})
+        assert (status, body) == (304, b""), listed
+    for malformed in ("bytes=5-x", "bytes=x-5", "bytes=-"):
+        status, _, body = proxy.get(f"{base}/blobs/{layer}", {"Range": malformed})
+        assert (status, body) == (200, content), "a Range we cannot read is ignored"
     moved = {"Range": "bytes=10-99", "If-Range": '"an-older-etag"'}
     status, _, body = proxy.get(f"{base}/blobs/{layer}", moved)
     assert (status, body) == (200, content), "an If-Range that does not match asks for it all"
@@ -349,9 +351,79 @@ def test_manifest_head_and_blob_range_and_listings(
     assert head["Link"] == f'<{base}/tags/list?last=v2&n=2>; rel="next"'
     status, head, body = proxy.get(f"{base}/tags/list?n=2&last=v2")
     assert json.loads(body)["tags"] == ["v3"]
+    status, head, body = proxy.get("/v2/lists/app/tags/list?n=2&ns=test.local")
+    assert json.loads(body)["tags"] == ["v1", "v2"]
+    assert head["Link"] == '</v2/lists/app/tags/list?last=v2&n=2&ns=test.local>; rel="next"'
 
     status, head, body = proxy.get("/v2/_catalog?n=10")
     assert json.loads(body) == {"repositories": ["test.local/lists/app"]}
+
+
+def upstream_digest(registry: Registry, repository: str, tag: str, accept: str) -> str:
+    """The digest the upstream itself answers a client that sends `accept` with."""
+    url = f"{registry.url}/v2/{repository}/manifests/{tag}"
+    request = urllib.request.Request(url, headers={"Accept": accept}, method="HEAD")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return str(response.headers["Docker-Content-Digest"])
+
+
+def test_manifest_types_follow_the_clients_accept_without_moving_the_tag(
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
+) -> None:
+    multi = write_layout(
+        tmp_path / "multi", "m", [("linux", "amd64"), ("linux", "arm64")], [900], seed=21
+    )
+    push(multi, upstream.host, "accept/index", tag="i")
+    skopeo.copy(
+        f"oci:{multi.layout}:m",
+        f"docker://{upstream.host}/accept/list:l",
+        extra=["--format", "v2s2"],
+    )
+    single = write_layout(tmp_path / "single", "s", None, [900], seed=22)
+    push(single, upstream.host, "accept/oci", tag="s")
+    skopeo.copy(
+        f"oci:{single.layout}:s",
+        f"docker://{upstream.host}/accept/v2s2:s",
+        extra=["--format", "v2s2"],
+    )
+    docker_list = upstream_digest(upstream, "accept/list", "l", DOCKER_LIST)
+    docker_amd64 = upstream_digest(upstream, "accept/list", "l", DOCKER_MANIFEST)
+    docker_single = upstream_digest(upstream, "accept/v2s2", "s", DOCKER_MANIFEST)
+    assert docker_amd64 != docker_list
+    proxy = start_proxy(one_upstream(upstream))
+    base = "/v2/test.local/accept"
+
+    # A client without lists comes first and gets the platform the upstream picks for it...
+    status, head, _ = proxy.get(f"{base}/list/manifests/l", {"Accept": DOCKER_MANIFEST})
+    assert (status, head["Docker-Content-Digest"]) == (200, docker_amd64)
+    assert head["Content-Type"] == DOCKER_MANIFEST
+    # ...and the tag still names the list for every client that takes lists.
+    for accept in (ACCEPT_ALL, "*/*", None):
+        status, head, _ = proxy.get(
+            f"{base}/list/manifests/l", {"Accept": accept} if accept else {}
+        )
+        assert (status, head["Docker-Content-Digest"]) == (200, docker_list), accept
+
+    # A wildcard takes the tag as it is, cold or cached (the upstream is asked for every type).
+    for tag, digest in (
+        ("index/manifests/i", multi.digest),
+        ("oci/manifests/s", single.digest),
+        ("v2s2/manifests/s", docker_single),
+    ):
+        for _ in range(2):
+            status, head, _ = proxy.get(f"{base}/{tag}", {"Accept": "*/*"})
+            assert (status, head["Docker-Content-Digest"]) == (200, digest), tag
+
+    # A type the client does not take, which the upstream can only convert to schema 1 or
+    # refuse: MANIFEST_UNKNOWN, never a converted manifest. A q=0 refuses a type.
+    for tag, accept in (
+        ("v2s2/manifests/s", OCI_MANIFEST),
+        ("index/manifests/i", f"{OCI_INDEX};q=0, {OCI_MANIFEST}"),
+    ):
+        status, _, body = proxy.get(f"{base}/{tag}", {"Accept": accept})
+        assert (status, json.loads(body)["errors"][0]["code"]) == (404, "MANIFEST_UNKNOWN"), tag
+    status, head, _ = proxy.get(f"{base}/index/manifests/i", {"Accept": ACCEPT_ALL})
+    assert (status, head["Docker-Content-Digest"]) == (200, multi.digest)
 
 
 def test_podman_pulls_by_name_and_as_docker_hub_mirror(
@@ -410,11 +482,12 @@ def test_referrers_pass_through_with_the_artifact_type_filter(
         assert (status, json.loads(body)["errors"][0]["code"]) == (400, "DIGEST_INVALID")
 
 
-def test_referrers_pages_follow_the_upstreams_links_through_the_cache(
-    tmp_path: Path, start_proxy: StartProxy
+@pytest.mark.parametrize("listing", ["referrers", "tags"])
+def test_listing_pages_follow_the_upstreams_own_links_through_the_cache(
+    tmp_path: Path, start_proxy: StartProxy, listing: str
 ) -> None:
     image = write_layout(tmp_path / "layout", "v1", None, [1000], seed=13)
-    attachments = [
+    attachments: list[dict[str, object]] = [
         {
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "digest": f"sha256:{n:064x}",
@@ -423,22 +496,32 @@ def test_referrers_pages_follow_the_upstreams_links_through_the_cache(
         }
         for n in range(5)
     ]
+    tags = [f"v{n}" for n in range(5)]
+    if listing == "referrers":
+        endpoint, key, expected = (
+            f"referrers/{image.digest}",
+            "manifests",
+            list[object](attachments),
+        )
+    else:
+        endpoint, key, expected = "tags/list", "tags", list[object](tags)
     with StandIn(image, "noted/app") as standin:
         standin.referrers = attachments
-        standin.referrers_page = 2
+        standin.tags = tags
+        standin.page_size = 2
         proxy = start_proxy(one_upstream(standin))
         # By upstream name, and in mirror mode with containerd's `?ns=`, which the links keep.
         for first, suffix in (
-            (f"/v2/test.local/noted/app/referrers/{image.digest}", ""),
-            (f"/v2/noted/app/referrers/{image.digest}?ns=test.local", "ns=test.local"),
+            (f"/v2/test.local/noted/app/{endpoint}", ""),
+            (f"/v2/noted/app/{endpoint}?ns=test.local", "ns=test.local"),
         ):
             path: str | None = first
             listed = []
-            for _ in range(len(attachments)):
+            for _ in range(len(expected)):
                 assert path is not None
                 status, headers, body = proxy.get(path)
                 assert status == 200
-                listed += json.loads(body)["manifests"]
+                listed += json.loads(body)[key]
                 link = headers.get("Link")
                 path = None
                 if link is None:
@@ -449,7 +532,7 @@ def test_referrers_pages_follow_the_upstreams_links_through_the_cache(
                 assert path.startswith(first.partition("?")[0] + "?")
                 assert path.endswith(suffix)
             assert path is None
-            assert listed == attachments
+            assert listed == expected
 
 
 def test_referrers_of_a_cached_image_are_served_while_the_upstream_is_down(

@@ -16,11 +16,14 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from aiohttp import web
 
 from tests.support.images import OCI_INDEX, Image
 from tests.support.ports import free_port
+
+T = TypeVar("T")
 
 
 class StandIn:
@@ -42,8 +45,11 @@ class StandIn:
         """A `WWW-Authenticate` to answer every request that has no `Authorization` with."""
         self.referrers: list[dict[str, object]] = []
         """Descriptors the referrers API lists for any subject."""
-        self.referrers_page: int | None = None
-        """Descriptors per referrers page, with a `Link` to the next one (an opaque token)."""
+        self.tags: list[str] = []
+        """What the tag list names."""
+        self.page_size: int | None = None
+        """Items per page of the referrers and tag lists, with a `Link` to the next page that
+        carries an opaque token, as Quay pages its tag lists."""
         self.blob_redirect: str | None = None
         """A base URL that blob GETs are redirected to (same path)."""
         self._loop = asyncio.new_event_loop()
@@ -81,15 +87,24 @@ class StandIn:
         wanted = request.query.get("artifactType")
         descriptors = [d for d in self.referrers if wanted in (None, d.get("artifactType"))]
         headers = {"OCI-Filters-Applied": "artifactType"} if wanted else {}
-        if self.referrers_page is not None:
-            start = int(request.query.get("page", "0"), 16)
-            end = start + self.referrers_page
-            if end < len(descriptors):
-                headers["Link"] = f'<{request.path}?page={end:x}>; rel="next"'
-            descriptors = descriptors[start:end]
+        descriptors, headers["Link"] = self._page(request, descriptors)
         index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
         headers["Content-Type"] = OCI_INDEX
         return web.Response(body=json.dumps(index).encode(), headers=headers)
+
+    async def _tags(self, request: web.Request) -> web.Response:
+        tags, link = self._page(request, self.tags)
+        return web.json_response({"name": self.repo, "tags": tags}, headers={"Link": link})
+
+    def _page(self, request: web.Request, items: list[T]) -> tuple[list[T], str]:
+        """The page of `items` the request's token asks for, and the `Link` to the next one
+        ("" when this is the last)."""
+        if self.page_size is None:
+            return items, ""
+        start = int(request.query.get("next_page", "0"), 16)
+        end = start + self.page_size
+        link = f'<{request.path}?n={self.page_size}&next_page={end:x}>; rel="next"'
+        return items[start:end], link if end < len(items) else ""
 
     async def _token(self, request: web.Request) -> web.Response:
         return web.json_response({"token": "standin-token", "expires_in": 300})
@@ -127,6 +142,7 @@ class StandIn:
         app.router.add_get(f"/v2/{self.repo}/manifests/{{reference}}", self._manifest)
         app.router.add_get(f"/v2/{self.repo}/blobs/{{digest}}", self._blob)
         app.router.add_get(f"/v2/{self.repo}/referrers/{{digest}}", self._referrers)
+        app.router.add_get(f"/v2/{self.repo}/tags/list", self._tags)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
