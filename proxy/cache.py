@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -204,13 +205,26 @@ class Cache:
                 self._warn_stale(target.upstream, exc)
                 return local
             raise upstream_failure(exc, errors.MANIFEST_UNKNOWN) from None
-        await self.metadata.set_tag(
-            target.upstream,
-            target.repository,
-            tag.value,
-            TagRecord(str(manifest.digest), time.time()),
-        )
+        await self._record_tag(target, tag, manifest)
         return manifest
+
+    async def _record_tag(self, target: Target, tag: Tag, manifest: Manifest) -> None:
+        """Point the tag at its manifest. A full disk (or database) leaves it unrecorded: the
+        manifest is served all the same, and the tag is asked for again next time."""
+        key = (target.upstream, target.repository, tag.value)
+        record = TagRecord(str(manifest.digest), time.time())
+        try:
+            try:
+                await self.metadata.set_tag(*key, record)
+            except sqlite3.IntegrityError:
+                # The manifest was evicted since it was read (by the cleaner, or by `clean`
+                # in another process): kept again from the verified bytes in hand.
+                self.metadata.forget_cached(str(manifest.digest))
+                await self._keep_manifest(target, manifest)
+                await self.metadata.set_tag(*key, record)
+        except (OSError, sqlite3.Error) as exc:
+            where = f"{target.upstream}/{target.repository}:{tag}"
+            log.warning("serving %s without recording the tag: %s", where, exc)
 
     async def _variant(
         self, target: Target, tag: Tag, accept: tuple[str, ...], tagged: Manifest
@@ -275,14 +289,27 @@ class Cache:
                 errors.MANIFEST_UNKNOWN, f"{reference}: the upstream has only a schema 1 manifest"
             )
         digest = self._verify_manifest(data, expected, header_digest)
-        media_type, children = read_manifest(data, content_type)
-        await asyncio.to_thread(self.store.write, digest, data)
-        await self.metadata.add_item(
-            ItemRecord(str(digest), "manifest", len(data), media_type),
-            (target.upstream, target.repository),
-            children,
-        )
-        return Manifest(digest, media_type, data, fetched=True)
+        media_type, _ = read_manifest(data, content_type)
+        manifest = Manifest(digest, media_type, data, fetched=True)
+        try:
+            await self._keep_manifest(target, manifest)
+        except (OSError, sqlite3.Error) as exc:
+            # A full disk: the cleaner makes room, and meanwhile pulls go on uncached.
+            log.warning("serving manifest %s without caching it: %s", digest, exc)
+        return manifest
+
+    async def _keep_manifest(self, target: Target, manifest: Manifest) -> None:
+        """Store a verified manifest and record it, with the blobs and manifests it names."""
+        _, children = read_manifest(manifest.data, manifest.media_type)
+        await asyncio.to_thread(self.store.write, manifest.digest, manifest.data)
+        digest = str(manifest.digest)
+        record = ItemRecord(digest, "manifest", len(manifest.data), manifest.media_type)
+        try:
+            await self.metadata.add_item(record, (target.upstream, target.repository), children)
+        except sqlite3.Error:
+            # A file the database does not know of is one the cleaner never accounts for.
+            await asyncio.to_thread(self.store.delete, manifest.digest)
+            raise
 
     @staticmethod
     def _verify_manifest(data: bytes, expected: Digest | None, header: str | None) -> Digest:

@@ -191,8 +191,8 @@ class BlobDownload:
         """Yield `(offset, count)` pieces of bytes `start` to `end` (exclusive) as they arrive,
         for the caller to send from `open_file()`.
 
-        Raises the download's error if it fails; the last byte of the blob is only released
-        after the digest was verified.
+        Raises the download's error if it fails; the last byte (of the blob, or of the range)
+        is only released after the digest was verified.
         """
         self._users += 1
         self.readers += 1
@@ -201,12 +201,14 @@ class BlobDownload:
             position = start
             while end is None or position < end:
                 progress = self._progress
+                wanted = self.written if end is None else min(self.written, end)
                 if self.finished.done():
                     self.finished.result()
-                    available = self.written
+                    limit = wanted
                 else:
-                    available = self.written - 1
-                limit = available if end is None else min(available, end)
+                    # The last byte of a range, as of the whole blob, waits for the check: a
+                    # ranged reader must not take an unverified transfer for a complete one.
+                    limit = wanted - 1
                 if position < limit:
                     yield position, limit - position
                     position = limit

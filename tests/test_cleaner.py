@@ -164,6 +164,25 @@ def test_eviction_racing_a_reader_never_gives_a_short_200(
     assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
 
 
+def test_tags_keep_working_after_a_clean_beside_the_server(
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
+) -> None:
+    (image,) = images(tmp_path, upstream, 1, 10_000)
+    upstreams = [{"name": "test.local", "url": upstream.url, "manifest_ttl": 0}]
+    proxy = start_proxy({"upstreams": upstreams, "default_upstream": "test.local"})
+    path = "/v2/test.local/app0/manifests/v1"
+    for _ in range(2):  # fetched, then read back: the server keeps it in memory
+        assert proxy.get(path)[0] == 200
+    evicted = proxy.admin("clean", "--max-size", "1")  # another process removes every file
+    assert evicted.returncode == 0, evicted.stderr
+
+    # The server's copy in memory is stored again to point the revalidated tag at it.
+    for _ in range(2):
+        status, headers, body = proxy.get(path)
+        assert (status, headers["Docker-Content-Digest"], body) == (200, image.digest, image.raw)
+    assert image.digest.removeprefix("sha256:") in blob_files(proxy.data)
+
+
 def test_restart_reconciles_disk_and_database(
     tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:

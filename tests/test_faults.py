@@ -3,6 +3,7 @@ clients that leave. Nothing may be lost, nothing partial may be served as comple
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -303,6 +304,29 @@ def test_full_disk_streams_without_caching_and_the_cleaner_makes_room(
     proxy.stop()
     verified = proxy.admin("verify")
     assert verified.returncode == 0 and "0 corrupt" in verified.stdout
+
+
+def test_a_full_disk_serves_manifests_without_caching_them(
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy, small_disk: Path
+) -> None:
+    cached = write_layout(tmp_path / "cached", "v1", None, [1000], seed=57)
+    new = write_layout(tmp_path / "new", "v1", None, [1000], seed=58)
+    push(cached, upstream.host, "cached/app")
+    push(new, upstream.host, "new/app")
+    proxy = start_proxy(
+        {**one_upstream(upstream, manifest_ttl=0), "storage": {"root": str(small_disk)}}
+    )
+    assert proxy.get("/v2/test.local/cached/app/manifests/v1")[0] == 200
+    with open(small_disk / "filler", "wb") as filler, contextlib.suppress(OSError):
+        for _ in range(24 * 16):
+            filler.write(bytes(64 * 1024))
+            filler.flush()
+
+    # A new manifest (the store is full) and a cached tag revalidated (the database is full).
+    for repository, image in (("new", new), ("cached", cached)):
+        status, headers, body = proxy.get(f"/v2/test.local/{repository}/app/manifests/v1")
+        assert (status, headers["Docker-Content-Digest"], body) == (200, image.digest, image.raw)
+    assert f"serving manifest {new.digest} without caching it" in proxy.log()
 
 
 def test_a_full_disk_takes_back_parked_partial_downloads_first(

@@ -68,3 +68,17 @@ async def test_a_corrupt_download_never_releases_its_last_byte(tmp_path: Path) -
     download.fail(BlobVerificationError("corrupt"))
     with pytest.raises(BlobVerificationError):
         await last
+
+
+async def test_a_range_waits_for_the_check_of_the_whole_blob(tmp_path: Path) -> None:
+    data = os.urandom(2 * _CHUNK)
+    download = BlobDownload(Digest.of(b"something else"), tmp_path / "blob")
+    download.start(len(data))
+    await download.append([data])
+    reader = download.spans(10, 20)
+    assert await anext(reader) == (10, 9), "all of the range but its last byte"
+    last = asyncio.ensure_future(anext(reader))
+    assert not await _settled(last), "the range's last byte waits for the whole blob's check"
+    download.fail(BlobVerificationError("corrupt"))
+    with pytest.raises(BlobVerificationError):
+        await last
