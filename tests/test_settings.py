@@ -1,0 +1,69 @@
+"""The main configuration: pull-secret keys, upstream names, bad values named by their key."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy.settings import ConfigError, Settings, load_settings
+
+
+def _load(tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None) -> Settings:
+    path = tmp_path / "registry-cache.yml"
+    path.write_text(yaml.safe_dump(config))
+    return load_settings(path, env or {})
+
+
+def _secret(tmp_path: Path, auths: dict[str, Any]) -> dict[str, str]:
+    path = tmp_path / "pull-secret.json"
+    path.write_text(json.dumps({"auths": auths}))
+    return {"PULL_SECRET": str(path)}
+
+
+def _auth(login: str) -> dict[str, str]:
+    return {"auth": base64.b64encode(login.encode()).decode()}
+
+
+def test_pull_secret_keys_become_hosts_and_paths_scope_their_logins(tmp_path: Path) -> None:
+    env = _secret(
+        tmp_path,
+        {
+            "quay.io/myorg": _auth("org:org-secret"),
+            "quay.io/myorg/team": _auth("team:t"),
+            "https://ghcr.io/": _auth("gh:g"),
+            "http://myreg.local:5000": _auth("my:m"),
+            "https://index.docker.io/v1/": _auth("hub:h"),
+        },
+    )
+    upstreams = _load(tmp_path, {"upstreams": [{"name": "docker.io"}]}, env).upstreams
+    assert sorted(upstreams) == ["docker.io", "ghcr.io", "myreg.local:5000", "quay.io"]
+    assert upstreams["myreg.local:5000"].url == "https://myreg.local:5000"
+    assert upstreams["ghcr.io"].login_for("any/repo") == ("gh", "g")
+    assert upstreams["docker.io"].login_for("library/alpine") == ("hub", "h")
+    quay = upstreams["quay.io"]
+    assert quay.login_for("myorg/team/app") == ("team", "t")
+    assert quay.login_for("myorg/app") == ("org", "org-secret")
+    assert quay.login_for("myorgx/app") is None
+    assert quay.has_credentials and "org-secret" not in repr(quay)
+
+
+@pytest.mark.parametrize(
+    ("config", "auths", "message"),
+    [
+        ({"upstreams": [{"name": "Quay.io"}]}, {}, "upstreams[0].name: expected a registry host"),
+        ({"upstreams": [{"name": "quay.io/org"}]}, {}, "upstreams[0].name"),
+        ({}, {"https://Ghcr.IO/": _auth("a:b")}, "pull_secret auths[https://Ghcr.IO/]"),
+        ({}, {"https://ghcr.io/": {"auth": "%%"}}, "pull_secret auths[https://ghcr.io/].auth"),
+    ],
+)
+def test_bad_upstream_names_are_refused(
+    tmp_path: Path, config: dict[str, Any], auths: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, config, _secret(tmp_path, auths))
+    assert message in str(caught.value)
