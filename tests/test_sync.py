@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
+from proxy.cache import open_cache
 from proxy.manifest import OCI_INDEX, OCI_MANIFEST
 from proxy.metrics import Metrics
 from proxy.settings import ConfigError, load_settings
@@ -704,6 +705,33 @@ def test_sync_into_the_cache_pins_against_the_cleaner(tmp_path: Path, upstream: 
             f"docker://{proxy.host}/test.local/other:v1", f"dir:{tmp_path / 'gone'}", check=False
         )
         assert evicted.returncode != 0
+
+
+async def test_creds_log_in_and_throttle_for_entries_into_the_cache(
+    tmp_path: Path, basic_upstream: Registry
+) -> None:
+    wanted = image(tmp_path, "wanted", 15)
+    push(wanted, basic_upstream.host, "app", "v1", creds=CREDS)
+    cache = {
+        "upstreams": [{"name": "test.local", "url": basic_upstream.url}],
+        "default_upstream": "test.local",
+    }
+    login = {"registry": "test.local", "user": "alice", "pass": "wonderland"}
+    config = {
+        "creds": [{**login, "reqPerSec": 50, "reqConcurrent": 1}],
+        "sync": [{"source": "test.local/app:v1", "type": "image"}],
+    }
+    result = sync(tmp_path / "c", cache, config, "once")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert {b.removeprefix("sha256:") for b in wanted.blobs} <= blob_files(tmp_path / "c" / "data")
+
+    settings = load_settings(tmp_path / "c" / "registry-cache.yml", env={})
+    sync_config = load_sync_config(tmp_path / "c" / "sync.yml")
+    async with open_cache(settings, Metrics()) as opened:
+        endpoints = Endpoints(settings, sync_config, Metrics(), opened)
+        throttle = endpoints.source(sync_config.entries[0]).throttle
+        await endpoints.close()
+    assert (throttle.per_second, throttle.concurrent) == (50, 1)
 
 
 def test_regsync_workshop_file_runs_against_local_registries(
