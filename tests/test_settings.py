@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,20 @@ def test_bad_upstream_names_are_refused(
     with pytest.raises(ConfigError) as caught:
         _load(tmp_path, config, _secret(tmp_path, auths))
     assert message in str(caught.value)
+
+
+def test_systemd_install_gives_the_example_configuration_the_units_data_directory(
+    tmp_path: Path,
+) -> None:
+    """The unit sets no data directory of its own: the installed file must name it, so that
+    admin commands given that file see the server's cache."""
+    repository = Path(__file__).parent.parent
+    unit = (repository / "deploy" / "registry-cache.service").read_text()
+    match = re.search(r"sed 's\|(.+?)\|(.+?)\|'", unit)
+    assert match is not None
+    example = (repository / "config" / "registry-cache.yml").read_text()
+    installed = tmp_path / "registry-cache.yml"
+    installed.write_text(re.sub(match[1], match[2], example, flags=re.MULTILINE))
+    assert load_settings(installed, {}).storage_root == Path("/var/lib/registry-cache")
+    assert "StateDirectory=registry-cache\n" in unit
+    assert "ROOTDIRECTORY" not in unit
