@@ -305,6 +305,46 @@ sync:
             load_sync_config(path)
 
 
+def test_templates_see_the_entry_under_regsyncs_go_names(tmp_path: Path) -> None:
+    path = tmp_path / "regsync.yml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {"interval": "1h"},
+                "sync": [
+                    {
+                        "source": "quay.io/podman/{{.Sync.Type}}:{{.Sync.Interval}}",
+                        "target": "localhost:5000/{{.Sync.Source}}",
+                        "type": "image",
+                    }
+                ],
+            }
+        )
+    )
+    [entry] = load_sync_config(path).entries
+    assert str(entry.source) == "quay.io/podman/image:1h"
+    assert str(entry.target) == "localhost:5000/quay.io/podman/image:1h"
+    assert entry.template_view["Target"] == str(entry.target)
+
+
+def test_an_entrys_ratelimit_merges_with_the_defaults_field_by_field(tmp_path: Path) -> None:
+    path = tmp_path / "regsync.yml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {"ratelimit": {"min": 100, "retry": "20m"}},
+                "sync": [
+                    {"source": "a:1", "ratelimit": {"retry": "30m"}},
+                    {"source": "b:1", "ratelimit": {"min": 5}},
+                    {"source": "c:1"},
+                ],
+            }
+        )
+    )
+    limits = [(e.ratelimit.min, e.ratelimit.retry) for e in load_sync_config(path).entries]
+    assert limits == [(100, 1800.0), (5, 1200.0), (100, 1200.0)]
+
+
 # -- copies between real registries -----------------------------------------------------------
 
 
@@ -390,7 +430,7 @@ def test_moved_source_tag_is_copied_again_and_the_old_one_kept_as_backup(
     push(old, upstream.host, "app", "stable")
     config = {
         "creds": [plain(upstream), plain(target)],
-        "defaults": {"backup": "bak-{{.Ref.Tag}}"},
+        "defaults": {"backup": "bak-{{.Ref.Tag}}-{{.Sync.Type}}"},
         "sync": [{"source": f"{upstream.host}/app:stable", "target": f"{target.host}/app"}],
     }
     assert sync(tmp_path / "c", {}, config, "once").returncode == 0
@@ -399,7 +439,7 @@ def test_moved_source_tag_is_copied_again_and_the_old_one_kept_as_backup(
     moved = sync(tmp_path / "c", {}, config, "once")
     assert moved.returncode == 0, moved.stdout + moved.stderr
     assert digest(f"{target.host}/app:stable") == new.digest
-    assert digest(f"{target.host}/app:bak-stable") == old.digest
+    assert digest(f"{target.host}/app:bak-stable-image") == old.digest
 
 
 def digest_tag(of: str, suffix: str = "") -> str:
