@@ -12,6 +12,7 @@ import binascii
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -194,9 +195,9 @@ _DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s|d)")
 _DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-def parse_duration(text: str | int | float, key: str) -> float:
+def parse_duration(text: object, key: str) -> float:
     """Seconds from `30m`, `1h2m3s`, `45s`, `500ms` or a plain number of seconds."""
-    if isinstance(text, bool):
+    if isinstance(text, bool) or not isinstance(text, str | int | float):
         raise ConfigError(f"{key}: expected a duration such as 30m or 1h2m3s, got {text!r}")
     if isinstance(text, int | float):
         seconds = float(text)
@@ -209,8 +210,8 @@ def parse_duration(text: str | int | float, key: str) -> float:
             if not parts or "".join(n + u for n, u in parts) != value:
                 raise ConfigError(f"{key}: expected a duration such as 30m or 1h2m3s, got {text!r}")
             seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
-    if seconds < 0:
-        raise ConfigError(f"{key}: a duration cannot be negative, got {text!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"{key}: a duration must be finite and not negative, got {text!r}")
     return seconds
 
 
@@ -219,10 +220,13 @@ def format_bytes(size: float) -> str:
     return humanfriendly.format_size(int(size), binary=True)
 
 
-def parse_size(text: str | int, key: str) -> int:
+def parse_size(text: object, key: str) -> int:
     """Bytes from `10G`, `500MiB`, `1.5T` (K, M, G, T are powers of 1024, as `du -h` shows)."""
-    if isinstance(text, bool):
-        raise ConfigError(f"{key}: expected a size such as 10G or 500MiB, got {text!r}")
+    if isinstance(text, bool) or not isinstance(text, str | int):
+        raise ConfigError(
+            f"{key}: expected a size such as 10G or 500MiB, or a whole number of bytes, "
+            f"got {text!r}"
+        )
     if isinstance(text, int):
         size = text
     else:
@@ -495,8 +499,10 @@ class _Loader:
             raise ConfigError(
                 f"{threshold_key}: expected a percentage, got {threshold!r}"
             ) from None
-        if threshold_value < 0:
-            raise ConfigError(f"{threshold_key}: cannot be negative, got {threshold!r}")
+        if not math.isfinite(threshold_value) or threshold_value < 0:
+            raise ConfigError(
+                f"{threshold_key}: expected a finite percentage, not negative, got {threshold!r}"
+            )
         run_every = parse_duration(every, every_key)
         if run_every <= 0:
             raise ConfigError(f"{every_key}: must be longer than zero, got {every!r}")

@@ -85,3 +85,22 @@ def test_systemd_install_gives_the_example_configuration_the_units_data_director
     assert load_settings(installed, {}).storage_root == Path("/var/lib/registry-cache")
     assert "StateDirectory=registry-cache\n" in unit
     assert "ROOTDIRECTORY" not in unit
+
+
+@pytest.mark.parametrize(
+    ("config", "env", "message"),
+    [
+        ({"cleaner": {"maxsize": 5368709120.0}}, {}, "cleaner.maxsize: expected a size"),
+        ({"http": {"draintimeout": [1]}}, {}, "http.draintimeout: expected a duration"),
+        ({"manifest_ttl": {"a": 1}}, {}, "manifest_ttl: expected a duration"),
+        ({"manifest_ttl": float("inf")}, {}, "manifest_ttl: a duration must be finite"),
+        ({}, {"CLEANER_THRESHOLD_PERCENTAGE": "nan"}, "CLEANER_THRESHOLD_PERCENTAGE: expected a"),
+        ({"cleaner": {"threshold_percentage": "inf"}}, {}, "cleaner.threshold_percentage"),
+    ],
+)
+def test_bad_values_of_the_wrong_kind_name_their_key(
+    tmp_path: Path, config: dict[str, Any], env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, config, env)
+    assert message in str(caught.value)

@@ -21,6 +21,7 @@ import time
 import tty
 import urllib.parse
 import urllib.request
+import zoneinfo
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,13 @@ def test_schedule_and_interval_parsing() -> None:
     assert parse_schedule("@daily", None, "s").next_after(monday) == monday.replace(  # type: ignore[union-attr]
         day=24, hour=0, minute=0
     )
+    utc = parse_schedule("CRON_TZ=UTC 0 3 * * *", None, "s")
+    assert utc == Cron("0 3 * * *", zoneinfo.ZoneInfo("UTC"))
+    paris = datetime.datetime(2026, 11, 23, 10, 5, tzinfo=zoneinfo.ZoneInfo("Europe/Paris"))
+    assert utc.next_after(paris) == datetime.datetime(2026, 11, 24, 3, tzinfo=datetime.UTC)
+    assert parse_schedule("TZ=Europe/Paris @daily", None, "s").next_after(paris) == paris.replace(  # type: ignore[union-attr]
+        day=24, hour=0, minute=0
+    )
     assert parse_schedule("@every 90m", None, "s") == Every(5400)
     assert parse_schedule(None, "60m", "s") == Every(3600)
     assert parse_schedule(None, "1h30m", "s") == Every(5400)
@@ -299,6 +307,9 @@ sync:
         ("sync: [{source: 'a:1', target: cache/quay.io/a}]", "own repository"),
         ("sync: [{source: a, type: repository, tags: {allow: ['(']}}]", "regular expression"),
         ("version: 2", "version"),
+        ("defaults: {parallel: many}", "defaults.parallel: expected a whole number"),
+        ("sync: [{source: a, type: repository, tags: {allow: [3.10]}}]", "tags.allow.*quote"),
+        ("sync: [{source: 'a:1', schedule: 'CRON_TZ=Mars/Base 0 3 * * *'}]", "time zone"),
     ]:
         path.write_text(bad)
         with pytest.raises(ConfigError, match=message):

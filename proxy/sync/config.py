@@ -241,6 +241,20 @@ def _go_value(value: object) -> object:
     return value
 
 
+def _patterns(value: object, key: str) -> list[str]:
+    """A list of tag patterns or ranges. A number is refused: YAML reads `3.10` as 3.1, which
+    would then match tag 3.1 and never 3.10."""
+    patterns = []
+    for item in _list(value, key):
+        if isinstance(item, int | float) and not isinstance(item, bool):
+            raise ConfigError(
+                f"{key}[]: {item!r} is a number in YAML (3.10 reads as 3.1), not a pattern: "
+                "quote it"
+            )
+        patterns.append(require_string(item, f"{key}[]"))
+    return patterns
+
+
 def _int(value: object, key: str, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key}: expected a whole number of at least {minimum}, got {value!r}")
@@ -288,7 +302,9 @@ class _Loader:
         defaults = _mapping(raw.get("defaults") or {}, "defaults")
         self._check_keys(defaults, _DEFAULT_KEYS, _DEFAULT_IGNORED, "defaults")
         parallel = defaults.get("parallel", 1)
-        parallel = max(1, parallel if isinstance(parallel, int) else 1)
+        if isinstance(parallel, bool) or not isinstance(parallel, int):
+            raise ConfigError(f"defaults.parallel: expected a whole number, got {parallel!r}")
+        parallel = max(1, parallel)  # as regsync: zero or less is one copy at a time
         entries: list[Entry] = []
         names: set[str] = set()
         for i, raw_entry in enumerate(_list(raw.get("sync"), "sync")):
@@ -428,8 +444,7 @@ class _Loader:
         raw = _mapping(block, where)
         self._check_keys(raw, {"allow", "deny", "semverRange"}, set(), where)
         allow, deny, ranges = (
-            [require_string(str(item), f"{where}.{name}[]") for item in _list(raw.get(name), where)]
-            for name in ("allow", "deny", "semverRange")
+            _patterns(raw.get(name), f"{where}.{name}") for name in ("allow", "deny", "semverRange")
         )
         return _attempt(
             where,
@@ -482,10 +497,7 @@ class _Loader:
         sort = section.get("sort", "semver")
         if sort not in ("semver", "date", "name"):
             raise ConfigError(f"{key}.sort: expected semver, date or name, got {sort!r}")
-        deny = [
-            require_string(str(item), f"{key}.deny[]")
-            for item in _list(section.get("deny"), f"{key}.deny")
-        ]
+        deny = _patterns(section.get("deny"), f"{key}.deny")
         return Retention(
             keep=_int(section.get("keep"), f"{key}.keep", 1),
             sort=sort,
