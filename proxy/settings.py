@@ -650,6 +650,10 @@ def _read_pull_secret(path: Path) -> list[_SecretLogin]:
         key = f"pull_secret auths[{raw_key}]"
         host, path_under_host = _secret_key(raw_key, key)
         section = _mapping(entry, key)
+        if not any(section.get(name) for name in ("auth", "username", "password")):
+            # Docker writes `{}` for a login its credsStore or credHelpers hold.
+            log.warning("%s: no credentials (held by a credential helper?); skipped", key)
+            continue
         if "auth" in section:
             try:
                 decoded = base64.b64decode(section["auth"], validate=True).decode()

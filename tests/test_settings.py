@@ -104,3 +104,13 @@ def test_bad_values_of_the_wrong_kind_name_their_key(
     with pytest.raises(ConfigError) as caught:
         _load(tmp_path, config, env)
     assert message in str(caught.value)
+
+
+def test_a_login_held_by_a_credential_helper_is_skipped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = _secret(tmp_path, {"https://index.docker.io/v1/": {}, "quay.io": _auth("q:quay-pw")})
+    upstreams = _load(tmp_path, {}, env).upstreams
+    assert upstreams["docker.io"].login_for("library/alpine") is None
+    assert upstreams["quay.io"].login_for("org/app") == ("q", "quay-pw")
+    assert "pull_secret auths[https://index.docker.io/v1/]: no credentials" in caplog.text
