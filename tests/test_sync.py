@@ -434,6 +434,20 @@ def test_image_and_repository_entries_copy_exactly_the_expected_tags(
     assert " 0  " in again.stdout.splitlines()[1]
 
 
+def test_json_logs_leave_stdout_to_the_summary(
+    tmp_path: Path, upstream: Registry, target: Registry
+) -> None:
+    push(image(tmp_path, "logged", 16), upstream.host, "app", "v1")
+    config = {
+        "creds": [plain(upstream), plain(target)],
+        "sync": [{"source": f"{upstream.host}/app:v1", "target": f"{target.host}/app:v1"}],
+    }
+    done = sync(tmp_path / "c", {}, config, "once", env={"LOG_FORMAT": "json"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("ENTRY") and '"level"' not in done.stdout
+    assert json.loads(done.stderr.splitlines()[0])["level"]
+
+
 def test_moved_source_tag_is_copied_again_and_the_old_one_kept_as_backup(
     tmp_path: Path, upstream: Registry, target: Registry
 ) -> None:
