@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from cleaner.service import Cleaner
 from proxy.metadata import Metadata, Usage
-from proxy.settings import Settings, format_bytes
+from proxy.settings import ConfigError, Settings, format_bytes
 from proxy.store import BlobStore
 
 __all__ = ["clean", "du", "ls", "verify"]
@@ -20,6 +20,13 @@ Print = Callable[[str], None]
 
 @asynccontextmanager
 async def _open(settings: Settings) -> AsyncIterator[tuple[BlobStore, Metadata]]:
+    """The server's store and database. A missing directory is refused, not created: it means
+    the command was not given the server's configuration, and would report on an empty cache."""
+    if not settings.storage_root.is_dir():
+        raise ConfigError(
+            f"storage.root (REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY): data directory "
+            f"{settings.storage_root} does not exist; give the server's --config"
+        )
     store = BlobStore(settings.storage_root)
     metadata = Metadata(store.root / "metadata.db")
     await metadata.open()

@@ -31,6 +31,7 @@ from .settings import Settings
 from .status import SYNC_STATUS, install_status
 from .sync import service as sync_service
 from .sync.config import load_sync_config
+from .sync.endpoints import with_sync_logins
 
 __all__ = ["METRICS", "AccessLogger", "access_logger", "build_app"]
 
@@ -254,7 +255,9 @@ def build_app(settings: Settings) -> web.Application:
         app[SYNC_STATUS] = sync.entries
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        async with open_cache(settings, metrics) as cache:
+        # Sync entries into the cache fetch through its clients, with the sync file's logins.
+        cache_settings = settings if sync is None else with_sync_logins(settings, sync.config)
+        async with open_cache(cache_settings, metrics) as cache:
             await reconcile(cache.store, cache.metadata)
             async with _background(settings, sync, cache, metrics):
                 app[CACHE] = cache

@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
-        logs.configure(settings)
+        logs.configure(settings, stdout_is_output=args.command != "serve")
         _lighten_log_records()
         if args.command == "health":
             return health.check(settings, "/readyz" if args.ready else "/healthz")

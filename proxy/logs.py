@@ -1,4 +1,5 @@
-"""Where log records go: text lines on stderr for people, or JSON lines on stdout for collectors.
+"""Where log records go: text lines on stderr for people, or JSON lines on stdout for collectors
+(on stderr for the commands whose stdout is their output: `sync`, `du`, `ls`, ...).
 
 In JSON, an access record's fields (method, path, status, ...) are top-level keys of its line,
 next to time, level and logger, so a collector indexes them without parsing a message.
@@ -127,12 +128,13 @@ def access_lines() -> AccessLines:
     return _access_lines
 
 
-def configure(settings: Settings) -> None:
+def configure(settings: Settings, stdout_is_output: bool = False) -> None:
     """The root logger's one handler and level, as `log.format` and `log.level` say, and the
-    access lines' stream and format to match."""
+    access lines' stream and format to match. JSON lines go to stdout unless the command
+    prints its own output there."""
     global _access_lines
     json_lines = settings.log_format == "json"
-    stream = sys.stdout if json_lines else sys.stderr
+    stream = sys.stdout if json_lines and not stdout_is_output else sys.stderr
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(_TEXT_FORMAT))
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
+import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -24,6 +27,7 @@ __all__ = [
     "AuthSettings",
     "CleanerSettings",
     "ConfigError",
+    "RepositoryLogin",
     "Settings",
     "TlsSettings",
     "UpstreamSettings",
@@ -38,7 +42,15 @@ __all__ = [
     "require_string",
 ]
 
+log = logging.getLogger(__name__)
+
 DOCKER_HUB: Final = "docker.io"
+
+# What clients write as the first path component: a lowercase host name or address, with an
+# optional port. Upstreams are matched by this exact text, so anything else is unreachable.
+_REGISTRY_HOST: Final = re.compile(
+    r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::\d{1,5})?"
+)
 
 # The registries a cache with no configuration knows, anonymously. Each maps the name clients
 # write to where the registry's API is.
@@ -79,6 +91,19 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class RepositoryLogin:
+    """Credentials for the repositories under `prefix` (a pull-secret key with a path, such as
+    `quay.io/myorg`)."""
+
+    prefix: str
+    username: str
+    password: str = field(repr=False)
+
+    def covers(self, repository: str) -> bool:
+        return repository == self.prefix or repository.startswith(self.prefix + "/")
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamSettings:
     """One registry we pull from."""
 
@@ -90,10 +115,24 @@ class UpstreamSettings:
     # Registrable domains besides the upstream's own that may receive requests on its behalf
     # (token realms, blob redirects); never with the upstream's credentials.
     extra_hosts: tuple[str, ...] = ()
+    # Logins scoped to repository paths, the most specific first; they win over the above.
+    repository_logins: tuple[RepositoryLogin, ...] = ()
 
     @property
     def has_credentials(self) -> bool:
-        return self.username is not None and self.password is not None
+        return (self.username is not None and self.password is not None) or bool(
+            self.repository_logins
+        )
+
+    def login_for(self, repository: str) -> tuple[str, str] | None:
+        """The login to use for `repository`: the most specific scoped one that covers it, else
+        the upstream's own (as containers-auth.json resolves its keys)."""
+        for login in self.repository_logins:
+            if login.covers(repository):
+                return login.username, login.password
+        if self.username is not None and self.password is not None:
+            return self.username, self.password
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,9 +195,9 @@ _DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s|d)")
 _DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-def parse_duration(text: str | int | float, key: str) -> float:
+def parse_duration(text: object, key: str) -> float:
     """Seconds from `30m`, `1h2m3s`, `45s`, `500ms` or a plain number of seconds."""
-    if isinstance(text, bool):
+    if isinstance(text, bool) or not isinstance(text, str | int | float):
         raise ConfigError(f"{key}: expected a duration such as 30m or 1h2m3s, got {text!r}")
     if isinstance(text, int | float):
         seconds = float(text)
@@ -171,8 +210,8 @@ def parse_duration(text: str | int | float, key: str) -> float:
             if not parts or "".join(n + u for n, u in parts) != value:
                 raise ConfigError(f"{key}: expected a duration such as 30m or 1h2m3s, got {text!r}")
             seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
-    if seconds < 0:
-        raise ConfigError(f"{key}: a duration cannot be negative, got {text!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"{key}: a duration must be finite and not negative, got {text!r}")
     return seconds
 
 
@@ -181,10 +220,13 @@ def format_bytes(size: float) -> str:
     return humanfriendly.format_size(int(size), binary=True)
 
 
-def parse_size(text: str | int, key: str) -> int:
+def parse_size(text: object, key: str) -> int:
     """Bytes from `10G`, `500MiB`, `1.5T` (K, M, G, T are powers of 1024, as `du -h` shows)."""
-    if isinstance(text, bool):
-        raise ConfigError(f"{key}: expected a size such as 10G or 500MiB, got {text!r}")
+    if isinstance(text, bool) or not isinstance(text, str | int):
+        raise ConfigError(
+            f"{key}: expected a size such as 10G or 500MiB, or a whole number of bytes, "
+            f"got {text!r}"
+        )
     if isinstance(text, int):
         size = text
     else:
@@ -457,8 +499,10 @@ class _Loader:
             raise ConfigError(
                 f"{threshold_key}: expected a percentage, got {threshold!r}"
             ) from None
-        if threshold_value < 0:
-            raise ConfigError(f"{threshold_key}: cannot be negative, got {threshold!r}")
+        if not math.isfinite(threshold_value) or threshold_value < 0:
+            raise ConfigError(
+                f"{threshold_key}: expected a finite percentage, not negative, got {threshold!r}"
+            )
         run_every = parse_duration(every, every_key)
         if run_every <= 0:
             raise ConfigError(f"{every_key}: must be longer than zero, got {every!r}")
@@ -492,14 +536,21 @@ class _Loader:
                 upstreams[upstream.name] = upstream
         secret, secret_key = self._value("pull_secret", "PULL_SECRET", None)
         if secret is not None:
-            for name, (user, password) in _read_pull_secret(
-                Path(require_string(secret, secret_key))
-            ):
-                known = upstreams.get(name)
-                url = known.url if known else _PUBLIC_REGISTRIES.get(name, f"https://{name}")
-                extra = known.extra_hosts if known else ()
-                ttl = known.manifest_ttl if known else manifest_ttl
-                upstreams[name] = _make_upstream(name, url, user, password, ttl, extra)
+            logins = _read_pull_secret(Path(require_string(secret, secret_key)))
+            for name, host_login, scoped in _logins_by_host(logins):
+                known = upstreams.get(name) or _make_upstream(
+                    name,
+                    _PUBLIC_REGISTRIES.get(name, f"https://{name}"),
+                    None,
+                    None,
+                    manifest_ttl,
+                    (),
+                )
+                if host_login is not None:
+                    known = dataclasses.replace(
+                        known, username=host_login.username, password=host_login.password
+                    )
+                upstreams[name] = dataclasses.replace(known, repository_logins=scoped)
         for name in self._ignored():
             upstreams.pop(name, None)
         return upstreams
@@ -511,7 +562,7 @@ class _Loader:
             {"name", "url", "username", "password", "manifest_ttl", "extra_hosts"},
             key,
         )
-        name = require_string(section.get("name"), f"{key}.name")
+        name = registry_name(require_string(section.get("name"), f"{key}.name"), f"{key}.name")
         url = section.get("url") or _PUBLIC_REGISTRIES.get(name, f"https://{name}")
         url = require_string(url, f"{key}.url").rstrip("/")
         if not re.fullmatch(r"https?://[^/?#\s]+(?:/[^?#\s]*)?", url):
@@ -561,8 +612,30 @@ def registry_upstream(
     )
 
 
-def _read_pull_secret(path: Path) -> list[tuple[str, tuple[str, str]]]:
-    """Hosts and credentials from a `{"auths": {host: {"auth": base64(user:pass)}}}` file."""
+def registry_name(text: str, key: str) -> str:
+    """`text` if it is what clients can write as an upstream: a lowercase host[:port]."""
+    if not _REGISTRY_HOST.fullmatch(text):
+        raise ConfigError(
+            f"{key}: expected a registry host[:port] in lowercase, such as quay.io or "
+            f"registry.local:5000, got {text!r}"
+        )
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class _SecretLogin:
+    """One pull-secret key as a registry host, a repository path under it (or ""), a login."""
+
+    host: str
+    path: str
+    username: str
+    password: str = field(repr=False)
+
+
+def _read_pull_secret(path: Path) -> list[_SecretLogin]:
+    """Logins from a `{"auths": {key: {"auth": base64(user:pass)}}}` file. Keys are read as
+    podman's auth.json reads them: the scheme and trailing slashes dropped, a path after the
+    host scoping the login to the repositories under it."""
     try:
         document = json.loads(path.read_text())
     except OSError as exc:
@@ -572,23 +645,60 @@ def _read_pull_secret(path: Path) -> list[tuple[str, tuple[str, str]]]:
     auths = _mapping(document, "pull_secret").get("auths")
     if not isinstance(auths, dict):
         raise ConfigError(f"pull_secret: {path} has no 'auths' mapping")
-    entries = []
-    for host, entry in auths.items():
-        name = DOCKER_HUB if host in _DOCKER_HUB_ALIASES else host.removeprefix("https://")
-        section = _mapping(entry, f"pull_secret auths[{name}]")
+    logins = []
+    for raw_key, entry in auths.items():
+        key = f"pull_secret auths[{raw_key}]"
+        host, path_under_host = _secret_key(raw_key, key)
+        section = _mapping(entry, key)
+        if not any(section.get(name) for name in ("auth", "username", "password")):
+            # Docker writes `{}` for a login its credsStore or credHelpers hold.
+            log.warning("%s: no credentials (held by a credential helper?); skipped", key)
+            continue
         if "auth" in section:
             try:
                 decoded = base64.b64decode(section["auth"], validate=True).decode()
             except (binascii.Error, UnicodeDecodeError, TypeError):
-                raise ConfigError(f"pull_secret auths[{name}].auth: not base64") from None
+                raise ConfigError(f"{key}.auth: not base64") from None
             user, sep, password = decoded.partition(":")
         else:
             user, password = section.get("username", ""), section.get("password", "")
             sep = ":"
         if not sep or not user or not password:
-            raise ConfigError(f"pull_secret auths[{name}]: expected user:password credentials")
-        entries.append((name, (user, password)))
-    return entries
+            raise ConfigError(f"{key}: expected user:password credentials")
+        logins.append(_SecretLogin(host, path_under_host, user, password))
+    return logins
+
+
+def _secret_key(raw_key: str, key: str) -> tuple[str, str]:
+    """A pull-secret key as (registry host, repository path or "")."""
+    bare = re.sub(r"^https?://", "", raw_key).rstrip("/")
+    if bare == "index.docker.io/v1":  # Docker's own key for Docker Hub, not a repository path
+        return DOCKER_HUB, ""
+    host, _, repository_path = bare.partition("/")
+    name = DOCKER_HUB if host in _DOCKER_HUB_ALIASES else host
+    return registry_name(name, key), repository_path
+
+
+def _logins_by_host(
+    logins: list[_SecretLogin],
+) -> list[tuple[str, _SecretLogin | None, tuple[RepositoryLogin, ...]]]:
+    """Per host: its host-wide login if any, and its scoped ones, the most specific first."""
+    hosts = dict.fromkeys(login.host for login in logins)
+    grouped = []
+    for host in hosts:
+        own = [login for login in logins if login.host == host]
+        host_login = next((login for login in own if not login.path), None)
+        scoped = sorted(
+            (
+                RepositoryLogin(login.path, login.username, login.password)
+                for login in own
+                if login.path
+            ),
+            key=lambda login: login.prefix.count("/"),
+            reverse=True,
+        )
+        grouped.append((host, host_login, tuple(scoped)))
+    return grouped
 
 
 def allowed_domains(upstream: UpstreamSettings) -> frozenset[str]:

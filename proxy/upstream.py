@@ -194,7 +194,8 @@ class UpstreamClient:
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """`open` for an absolute URL from `resolve`."""
         scope = f"repository:{repository}:{actions}"
-        response = await self._send_with_retries(method, url, scope, headers or {}, data)
+        login = self.settings.login_for(repository)
+        response = await self._send_with_retries(method, url, scope, login, headers or {}, data)
         try:
             self._note_rate_limit(response)
             self._raise_for_status(response)
@@ -211,6 +212,7 @@ class UpstreamClient:
         method: str,
         url: URL,
         scope: str,
+        login: tuple[str, str] | None,
         headers: Mapping[str, str],
         data: bytes | None,
     ) -> aiohttp.ClientResponse:
@@ -219,7 +221,7 @@ class UpstreamClient:
         retryable = method in ("GET", "HEAD")
         for pause in (*_RETRY_PAUSES, None):
             try:
-                response = await self._send_with_auth(method, url, scope, headers, data)
+                response = await self._send_with_auth(method, url, scope, login, headers, data)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 if not retryable or pause is None:
                     raise UpstreamUnavailable(
@@ -258,33 +260,35 @@ class UpstreamClient:
         method: str,
         url: URL,
         scope: str,
+        login: tuple[str, str] | None,
         headers: Mapping[str, str],
         data: bytes | None = None,
     ) -> aiohttp.ClientResponse:
-        authorization = self._authorization(scope)
+        """Send, and answer one 401 challenge with `login` (the repository's credentials)."""
+        authorization = self._authorization(scope, login)
         response = await self._send_following_redirects(method, url, headers, authorization, data)
         if response.status != 401:
             return response
         challenge = response.headers.get("WWW-Authenticate", "")
         response.release()
         scheme, params = _parse_challenge(challenge)
-        if scheme == "basic" and self.settings.has_credentials:
+        if scheme == "basic" and login is not None:
             self._basic = True
         elif scheme == "bearer" and "realm" in params:
             # The token we sent (if any) was refused, perhaps expired early: never reuse it.
             self._tokens.pop(params.get("scope") or scope, None)
-            await self._refresh_token(params, params.get("scope") or scope)
+            await self._refresh_token(params, params.get("scope") or scope, login)
         else:
             raise UpstreamUnauthorized(401, f"{self.settings.name} requires credentials we lack")
-        authorization = self._authorization(params.get("scope") or scope)
+        authorization = self._authorization(params.get("scope") or scope, login)
         return await self._send_following_redirects(method, url, headers, authorization, data)
 
-    def _authorization(self, scope: str) -> str | None:
+    def _authorization(self, scope: str, login: tuple[str, str] | None) -> str | None:
         token = self._tokens.get(scope)
         if token is not None and token.expires_at > time.monotonic():
             return f"Bearer {token.value}"
-        if self._basic and self.settings.username and self.settings.password:
-            return _basic(self.settings.username, self.settings.password)
+        if self._basic and login is not None:
+            return _basic(*login)
         return None
 
     async def _send_following_redirects(
@@ -342,16 +346,20 @@ class UpstreamClient:
             self.reachability.succeeded()
         return response
 
-    async def _refresh_token(self, challenge: Mapping[str, str], scope: str) -> None:
+    async def _refresh_token(
+        self, challenge: Mapping[str, str], scope: str, login: tuple[str, str] | None
+    ) -> None:
         """Fetch a token for `scope` from the challenge's realm, once per scope at a time."""
         lock = self._token_locks.setdefault(scope, asyncio.Lock())
         async with lock:
             token = self._tokens.get(scope)
             if token is not None and token.expires_at > time.monotonic():
                 return
-            self._tokens[scope] = await self._fetch_token(challenge, scope)
+            self._tokens[scope] = await self._fetch_token(challenge, scope, login)
 
-    async def _fetch_token(self, challenge: Mapping[str, str], scope: str) -> _Token:
+    async def _fetch_token(
+        self, challenge: Mapping[str, str], scope: str, login: tuple[str, str] | None
+    ) -> _Token:
         realm = URL(challenge["realm"])
         if realm.scheme not in ("http", "https") or not host_allowed(
             realm.host or "", self.settings
@@ -368,8 +376,8 @@ class UpstreamClient:
         # Credentials go over TLS, or to the upstream's own host (a plain-HTTP test or intranet
         # registry); never in clear text to anyone else.
         secure = realm.scheme == "https" or realm.host == self.base.host
-        if self.settings.username and self.settings.password and secure:
-            headers["Authorization"] = _basic(self.settings.username, self.settings.password)
+        if login is not None and secure:
+            headers["Authorization"] = _basic(*login)
         started = time.monotonic()
         try:
             async with self._session.get(realm.with_query(query), headers=headers) as response:

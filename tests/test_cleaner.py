@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from proxy.settings import ConfigError, load_settings
 from tests.conftest import StartProxy
@@ -301,3 +302,15 @@ def test_bad_cleaner_values_stop_start_up_naming_the_variable(
     )
     assert started.returncode == 2
     assert variable in started.stderr
+
+
+@pytest.mark.parametrize("command", ["du", "ls", "clean", "verify"])
+def test_admin_commands_refuse_a_data_directory_that_does_not_exist(
+    tmp_path: Path, command: str
+) -> None:
+    proxy = Proxy(tmp_path / "elsewhere", {})
+    proxy.config_path.write_text(yaml.safe_dump(proxy.config))
+    refused = proxy.admin(command)
+    assert refused.returncode == 2
+    assert f"data directory {proxy.data} does not exist" in refused.stderr
+    assert not proxy.data.exists()

@@ -589,6 +589,38 @@ def test_pull_secret_credentials_and_ignored_registries(
     assert "wonderland" not in proxy.log()
 
 
+def test_pull_secret_keys_with_scheme_and_path_log_in_per_repository(
+    tmp_path: Path, basic_upstream: Registry, start_proxy: StartProxy
+) -> None:
+    image = write_layout(tmp_path / "layout", "v1", None, [20_000], seed=14)
+    for repository in ("public/app", "private/app", "private/other"):
+        push(image, basic_upstream.host, repository, creds=CREDS)
+    secret = tmp_path / "pull-secret.json"
+
+    def auth(login: str) -> dict[str, str]:
+        return {"auth": base64.b64encode(login.encode()).decode()}
+
+    # The most specific key wins: private/app logs in, the rest of private/ does not.
+    auths = {
+        "https://test.local/": auth(CREDS),
+        "test.local/private": auth("alice:not-it"),
+        "test.local/private/app": auth(CREDS),
+    }
+    secret.write_text(json.dumps({"auths": auths}))
+    proxy = start_proxy(one_upstream(basic_upstream), env={"PULL_SECRET": str(secret)})
+
+    for repository in ("public/app", "private/app"):
+        out = tmp_path / repository.replace("/", "-")
+        skopeo.copy(f"docker://{proxy.host}/test.local/{repository}:v1", f"dir:{out}")
+        assert_same_image(skopeo.read_dir_copy(out), image)
+    refused = skopeo.copy(
+        f"docker://{proxy.host}/test.local/private/other:v1",
+        f"dir:{tmp_path / 'other'}",
+        check=False,
+    )
+    assert refused.returncode != 0
+
+
 def test_containerd_mirrors_two_registries_through_one_cache(
     tmp_path: Path, upstream: Registry, basic_upstream: Registry, start_proxy: StartProxy
 ) -> None:

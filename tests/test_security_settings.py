@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from proxy.settings import AuthSettings, ConfigError, TlsSettings, load_settings
+from proxy.sync.config import load_sync_config
 
 
 def _load(tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None) -> Any:
@@ -76,6 +77,10 @@ def test_bad_values_name_their_key(
     assert message in str(caught.value)
 
 
-def test_example_configuration_loads() -> None:
-    example = Path(__file__).parent.parent / "config" / "registry-cache.yml"
-    assert load_settings(example, {}).drain_timeout == 60.0
+def test_every_example_configuration_loads() -> None:
+    examples = Path(__file__).parent.parent / "config"
+    assert sorted(path.name for path in examples.iterdir()) == ["registry-cache.yml", "regsync.yml"]
+    assert load_settings(examples / "registry-cache.yml", {}).drain_timeout == 60.0
+    sync = load_sync_config(examples / "regsync.yml", env={"HUB_USER": "hub"})
+    assert not sync.warnings
+    assert [entry.pin for entry in sync.entries] == [True, False]

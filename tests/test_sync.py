@@ -21,6 +21,7 @@ import time
 import tty
 import urllib.parse
 import urllib.request
+import zoneinfo
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
+from proxy.cache import open_cache
 from proxy.manifest import OCI_INDEX, OCI_MANIFEST
 from proxy.metrics import Metrics
 from proxy.settings import ConfigError, load_settings
@@ -233,6 +235,13 @@ def test_schedule_and_interval_parsing() -> None:
     assert parse_schedule("@daily", None, "s").next_after(monday) == monday.replace(  # type: ignore[union-attr]
         day=24, hour=0, minute=0
     )
+    utc = parse_schedule("CRON_TZ=UTC 0 3 * * *", None, "s")
+    assert utc == Cron("0 3 * * *", zoneinfo.ZoneInfo("UTC"))
+    paris = datetime.datetime(2026, 11, 23, 10, 5, tzinfo=zoneinfo.ZoneInfo("Europe/Paris"))
+    assert utc.next_after(paris) == datetime.datetime(2026, 11, 24, 3, tzinfo=datetime.UTC)
+    assert parse_schedule("TZ=Europe/Paris @daily", None, "s").next_after(paris) == paris.replace(  # type: ignore[union-attr]
+        day=24, hour=0, minute=0
+    )
     assert parse_schedule("@every 90m", None, "s") == Every(5400)
     assert parse_schedule(None, "60m", "s") == Every(3600)
     assert parse_schedule(None, "1h30m", "s") == Every(5400)
@@ -298,10 +307,53 @@ sync:
         ("sync: [{source: 'a:1', target: cache/quay.io/a}]", "own repository"),
         ("sync: [{source: a, type: repository, tags: {allow: ['(']}}]", "regular expression"),
         ("version: 2", "version"),
+        ("defaults: {parallel: many}", "defaults.parallel: expected a whole number"),
+        ("sync: [{source: a, type: repository, tags: {allow: [3.10]}}]", "tags.allow.*quote"),
+        ("sync: [{source: 'a:1', schedule: 'CRON_TZ=Mars/Base 0 3 * * *'}]", "time zone"),
     ]:
         path.write_text(bad)
         with pytest.raises(ConfigError, match=message):
             load_sync_config(path)
+
+
+def test_templates_see_the_entry_under_regsyncs_go_names(tmp_path: Path) -> None:
+    path = tmp_path / "regsync.yml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {"interval": "1h"},
+                "sync": [
+                    {
+                        "source": "quay.io/podman/{{.Sync.Type}}:{{.Sync.Interval}}",
+                        "target": "localhost:5000/{{.Sync.Source}}",
+                        "type": "image",
+                    }
+                ],
+            }
+        )
+    )
+    [entry] = load_sync_config(path).entries
+    assert str(entry.source) == "quay.io/podman/image:1h"
+    assert str(entry.target) == "localhost:5000/quay.io/podman/image:1h"
+    assert entry.template_view["Target"] == str(entry.target)
+
+
+def test_an_entrys_ratelimit_merges_with_the_defaults_field_by_field(tmp_path: Path) -> None:
+    path = tmp_path / "regsync.yml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {"ratelimit": {"min": 100, "retry": "20m"}},
+                "sync": [
+                    {"source": "a:1", "ratelimit": {"retry": "30m"}},
+                    {"source": "b:1", "ratelimit": {"min": 5}},
+                    {"source": "c:1"},
+                ],
+            }
+        )
+    )
+    limits = [(e.ratelimit.min, e.ratelimit.retry) for e in load_sync_config(path).entries]
+    assert limits == [(100, 1800.0), (5, 1200.0), (100, 1200.0)]
 
 
 # -- copies between real registries -----------------------------------------------------------
@@ -382,6 +434,20 @@ def test_image_and_repository_entries_copy_exactly_the_expected_tags(
     assert " 0  " in again.stdout.splitlines()[1]
 
 
+def test_json_logs_leave_stdout_to_the_summary(
+    tmp_path: Path, upstream: Registry, target: Registry
+) -> None:
+    push(image(tmp_path, "logged", 16), upstream.host, "app", "v1")
+    config = {
+        "creds": [plain(upstream), plain(target)],
+        "sync": [{"source": f"{upstream.host}/app:v1", "target": f"{target.host}/app:v1"}],
+    }
+    done = sync(tmp_path / "c", {}, config, "once", env={"LOG_FORMAT": "json"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("ENTRY") and '"level"' not in done.stdout
+    assert json.loads(done.stderr.splitlines()[0])["level"]
+
+
 def test_moved_source_tag_is_copied_again_and_the_old_one_kept_as_backup(
     tmp_path: Path, upstream: Registry, target: Registry
 ) -> None:
@@ -389,7 +455,7 @@ def test_moved_source_tag_is_copied_again_and_the_old_one_kept_as_backup(
     push(old, upstream.host, "app", "stable")
     config = {
         "creds": [plain(upstream), plain(target)],
-        "defaults": {"backup": "bak-{{.Ref.Tag}}"},
+        "defaults": {"backup": "bak-{{.Ref.Tag}}-{{.Sync.Type}}"},
         "sync": [{"source": f"{upstream.host}/app:stable", "target": f"{target.host}/app"}],
     }
     assert sync(tmp_path / "c", {}, config, "once").returncode == 0
@@ -398,7 +464,7 @@ def test_moved_source_tag_is_copied_again_and_the_old_one_kept_as_backup(
     moved = sync(tmp_path / "c", {}, config, "once")
     assert moved.returncode == 0, moved.stdout + moved.stderr
     assert digest(f"{target.host}/app:stable") == new.digest
-    assert digest(f"{target.host}/app:bak-stable") == old.digest
+    assert digest(f"{target.host}/app:bak-stable-image") == old.digest
 
 
 def digest_tag(of: str, suffix: str = "") -> str:
@@ -704,6 +770,33 @@ def test_sync_into_the_cache_pins_against_the_cleaner(tmp_path: Path, upstream: 
             f"docker://{proxy.host}/test.local/other:v1", f"dir:{tmp_path / 'gone'}", check=False
         )
         assert evicted.returncode != 0
+
+
+async def test_creds_log_in_and_throttle_for_entries_into_the_cache(
+    tmp_path: Path, basic_upstream: Registry
+) -> None:
+    wanted = image(tmp_path, "wanted", 15)
+    push(wanted, basic_upstream.host, "app", "v1", creds=CREDS)
+    cache = {
+        "upstreams": [{"name": "test.local", "url": basic_upstream.url}],
+        "default_upstream": "test.local",
+    }
+    login = {"registry": "test.local", "user": "alice", "pass": "wonderland"}
+    config = {
+        "creds": [{**login, "reqPerSec": 50, "reqConcurrent": 1}],
+        "sync": [{"source": "test.local/app:v1", "type": "image"}],
+    }
+    result = sync(tmp_path / "c", cache, config, "once")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert {b.removeprefix("sha256:") for b in wanted.blobs} <= blob_files(tmp_path / "c" / "data")
+
+    settings = load_settings(tmp_path / "c" / "registry-cache.yml", env={})
+    sync_config = load_sync_config(tmp_path / "c" / "sync.yml")
+    async with open_cache(settings, Metrics()) as opened:
+        endpoints = Endpoints(settings, sync_config, Metrics(), opened)
+        throttle = endpoints.source(sync_config.entries[0]).throttle
+        await endpoints.close()
+    assert (throttle.per_second, throttle.concurrent) == (50, 1)
 
 
 def test_regsync_workshop_file_runs_against_local_registries(

@@ -106,6 +106,12 @@ _DEFAULT_IGNORED: Final = _STEP_IGNORED | {
 }
 _ENTRY_KEYS: Final = _STEP_KEYS | {"source", "target", "type", "tags", "tagSets", "name"}
 _ENTRY_IGNORED: Final = _STEP_IGNORED | {"repos", "targetTag"}
+# regsync's ConfigSync fields whose Go names are not their YAML keys with a capital.
+_GO_NAMES: Final = {
+    "ratelimit": "RateLimit",
+    "referrerSource": "ReferrerSrc",
+    "referrerTarget": "ReferrerTgt",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +166,8 @@ class Entry:
     digest_tags: bool = False
     referrers: bool = False
     referrer_filters: tuple[ReferrerFilter, ...] = ()
+    # What templates see as `.Sync`: the entry with its defaults, under regsync's Go names.
+    template_view: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def to_cache(self) -> bool:
@@ -203,6 +211,48 @@ def _list(value: object, key: str) -> list[Any]:
     if not isinstance(value, list):
         raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
     return value
+
+
+def _template_view(
+    section: Mapping[str, Any], defaults: Mapping[str, Any], kind: str, ratelimit: RateLimitPolicy
+) -> dict[str, object]:
+    """An entry as regsync's templates see `.Sync`: its ConfigSync after the defaults, under
+    Go's field names (`.Sync.Source`, `.Sync.Type`, `.Sync.RateLimit.Min`, ...)."""
+    inherited = {k: v for k, v in defaults.items() if k in _STEP_KEYS | _STEP_IGNORED}
+    view = _go_fields({**inherited, **section})
+    view["Type"] = kind
+    view["RateLimit"] = {"Min": ratelimit.min, "Retry": ratelimit.retry}
+    view.setdefault("MediaTypes", list(DEFAULT_MEDIA_TYPES))
+    return view
+
+
+def _go_fields(section: Mapping[Any, Any]) -> dict[str, object]:
+    return {
+        _GO_NAMES.get(str(k), str(k)[:1].upper() + str(k)[1:]): _go_value(v)
+        for k, v in section.items()
+    }
+
+
+def _go_value(value: object) -> object:
+    if isinstance(value, dict):
+        return _go_fields(value)
+    if isinstance(value, list):
+        return [_go_value(item) for item in value]
+    return value
+
+
+def _patterns(value: object, key: str) -> list[str]:
+    """A list of tag patterns or ranges. A number is refused: YAML reads `3.10` as 3.1, which
+    would then match tag 3.1 and never 3.10."""
+    patterns = []
+    for item in _list(value, key):
+        if isinstance(item, int | float) and not isinstance(item, bool):
+            raise ConfigError(
+                f"{key}[]: {item!r} is a number in YAML (3.10 reads as 3.1), not a pattern: "
+                "quote it"
+            )
+        patterns.append(require_string(item, f"{key}[]"))
+    return patterns
 
 
 def _int(value: object, key: str, minimum: int = 0) -> int:
@@ -252,7 +302,9 @@ class _Loader:
         defaults = _mapping(raw.get("defaults") or {}, "defaults")
         self._check_keys(defaults, _DEFAULT_KEYS, _DEFAULT_IGNORED, "defaults")
         parallel = defaults.get("parallel", 1)
-        parallel = max(1, parallel if isinstance(parallel, int) else 1)
+        if isinstance(parallel, bool) or not isinstance(parallel, int):
+            raise ConfigError(f"defaults.parallel: expected a whole number, got {parallel!r}")
+        parallel = max(1, parallel)  # as regsync: zero or less is one copy at a time
         entries: list[Entry] = []
         names: set[str] = set()
         for i, raw_entry in enumerate(_list(raw.get("sync"), "sync")):
@@ -303,16 +355,19 @@ class _Loader:
             raise ConfigError(f"{key}.type: type registry is not supported yet; list repositories")
         if kind not in ("image", "repository"):
             raise ConfigError(f"{key}.type: expected image or repository, got {kind!r}")
-        step = {k: v for k, v in section.items() if isinstance(v, str | int | float | bool)}
-        source_text = self._expand(section.get("source"), f"{key}.source", {"Sync": step})
+        ratelimit = self._ratelimit(section.get("ratelimit"), defaults.get("ratelimit"), key)
+        view = _template_view(section, defaults, kind, ratelimit)
+        source_text = self._expand(section.get("source"), f"{key}.source", {"Sync": view})
         source = _attempt(f"{key}.source", lambda: parse_ref(source_text, f"{key}.source"))
+        view["Source"] = source_text  # expanded in regsync's order: source, then target
         target_raw = section.get("target")
         target: Ref | CacheRef
         if target_raw is None:
             target = CacheRef(source.registry, source.repository, source.tag)
         else:
-            target_text = self._expand(target_raw, f"{key}.target", {"Sync": step})
+            target_text = self._expand(target_raw, f"{key}.target", {"Sync": view})
             target = _attempt(f"{key}.target", lambda: parse_target(target_text, f"{key}.target"))
+        view["Target"] = str(target)
         self._check_refs(kind, source, target, key)
         pin, digest_tags, referrers = (
             require_bool(setting(name, False), f"{key}.{name}")
@@ -347,7 +402,7 @@ class _Loader:
             )
             if backup
             else None,
-            ratelimit=self._ratelimit(setting("ratelimit"), f"{key}.ratelimit"),
+            ratelimit=ratelimit,
             media_types=media_types,
             pin=pin,
             retention=retention,
@@ -356,6 +411,7 @@ class _Loader:
             referrer_filters=self._referrer_filters(
                 setting("referrerFilters"), f"{key}.referrerFilters"
             ),
+            template_view=view,
         )
 
     @staticmethod
@@ -388,8 +444,7 @@ class _Loader:
         raw = _mapping(block, where)
         self._check_keys(raw, {"allow", "deny", "semverRange"}, set(), where)
         allow, deny, ranges = (
-            [require_string(str(item), f"{where}.{name}[]") for item in _list(raw.get(name), where)]
-            for name in ("allow", "deny", "semverRange")
+            _patterns(raw.get(name), f"{where}.{name}") for name in ("allow", "deny", "semverRange")
         )
         return _attempt(
             where,
@@ -401,12 +456,17 @@ class _Loader:
         )
 
     @staticmethod
-    def _ratelimit(raw: object, key: str) -> RateLimitPolicy:
-        if raw is None:
-            return RateLimitPolicy()
-        section = _mapping(raw, key)
-        minimum = _int(section.get("min", 0), f"{key}.min")
-        retry = parse_duration(section.get("retry", "5m"), f"{key}.retry")
+    def _ratelimit(raw: object, default_raw: object, key: str) -> RateLimitPolicy:
+        """Field by field, as regsync's syncSetDefaults: what the entry leaves unset or zero
+        comes from `defaults.ratelimit`."""
+        section = _mapping(raw or {}, f"{key}.ratelimit")
+        default = _mapping(default_raw or {}, "defaults.ratelimit")
+        minimum = _int(section.get("min", 0), f"{key}.ratelimit.min") or _int(
+            default.get("min", 0), "defaults.ratelimit.min"
+        )
+        retry = parse_duration(section.get("retry", 0), f"{key}.ratelimit.retry") or (
+            parse_duration(default.get("retry", 0), "defaults.ratelimit.retry")
+        )
         return RateLimitPolicy(minimum, max(retry, RATE_LIMIT_RETRY_MIN))
 
     def _referrer_filters(self, raw: object, key: str) -> tuple[ReferrerFilter, ...]:
@@ -437,10 +497,7 @@ class _Loader:
         sort = section.get("sort", "semver")
         if sort not in ("semver", "date", "name"):
             raise ConfigError(f"{key}.sort: expected semver, date or name, got {sort!r}")
-        deny = [
-            require_string(str(item), f"{key}.deny[]")
-            for item in _list(section.get("deny"), f"{key}.deny")
-        ]
+        deny = _patterns(section.get("deny"), f"{key}.deny")
         return Retention(
             keep=_int(section.get("keep"), f"{key}.keep", 1),
             sort=sort,

@@ -2,8 +2,9 @@
 
 A registry name is reached at the URL of the cache upstream of that name (else a `creds`
 entry's `hostname` with its `tls`, else `https://<name>`), with the `creds` entry's login if it
-has one, else the upstream's. Sources of cache targets are read with the cache's own clients.
-Clients are made once per registry and role and closed together.
+has one, else the upstream's. Sources of cache targets are read with the cache's own clients,
+which must then be opened with `with_sync_logins`; their requests for the worker keep the
+`creds` entry's throttle. Clients are made once per registry and role and closed together.
 """
 
 from __future__ import annotations
@@ -22,14 +23,27 @@ from .refs import CacheRef, Ref
 from .remote import Remote, Throttle
 from .targets import CacheDestination, Destination, RegistryDestination
 
-__all__ = ["Endpoints"]
+__all__ = ["Endpoints", "with_sync_logins"]
+
+
+def with_sync_logins(settings: Settings, config: SyncConfig) -> Settings:
+    """`settings` with each `creds` login put on the cache upstream of that name: entries into
+    the cache fetch through the cache's own clients, which must log in as the sync file says."""
+    upstreams = dict(settings.upstreams)
+    for cred in config.creds:
+        known = upstreams.get(cred.registry)
+        if known is not None and cred.user and cred.password:
+            upstreams[cred.registry] = dataclasses.replace(
+                known, username=cred.user, password=cred.password
+            )
+    return dataclasses.replace(settings, upstreams=upstreams)
 
 
 class Endpoints:
     def __init__(
         self, settings: Settings, config: SyncConfig, metrics: Metrics, cache: Cache | None
     ) -> None:
-        self.settings = settings
+        self.settings = with_sync_logins(settings, config)
         self.config = config
         self.metrics = metrics
         self.cache = cache
@@ -46,8 +60,6 @@ class Endpoints:
         elif cred is not None and cred.regcert:
             tls = ssl.create_default_context(cadata=cred.regcert)
         if known is not None:
-            if cred is not None and cred.user and cred.password:
-                known = dataclasses.replace(known, username=cred.user, password=cred.password)
             return known, tls
         if cred is None:
             return registry_upstream(registry, None, None, None), tls
@@ -70,10 +82,12 @@ class Endpoints:
                 tls=tls,
             )
             self._clients.append(client)
-            cred = self.config.cred(registry)
-            throttle = Throttle(cred.req_per_sec, cred.req_concurrent) if cred else Throttle()
-            self._remotes[key] = Remote(registry, client, throttle)
+            self._remotes[key] = Remote(registry, client, self._throttle(registry))
         return self._remotes[key]
+
+    def _throttle(self, registry: str) -> Throttle:
+        cred = self.config.cred(registry)
+        return Throttle(cred.req_per_sec, cred.req_concurrent) if cred else Throttle()
 
     def source(self, entry: Entry) -> Remote:
         registry = entry.source.registry
@@ -82,7 +96,9 @@ class Endpoints:
                 raise ValueError(f"{registry} is not one of the cache's upstreams")
             key = (registry, "cache")
             if key not in self._remotes:
-                self._remotes[key] = Remote(registry, self.cache.upstreams[registry])
+                self._remotes[key] = Remote(
+                    registry, self.cache.upstreams[registry], self._throttle(registry)
+                )
             return self._remotes[key]
         return self.remote(registry)
 

@@ -31,6 +31,8 @@ class Throttle:
     """At most `concurrent` requests at a time, started at most `per_second` per second."""
 
     def __init__(self, per_second: float = 0.0, concurrent: int = 3) -> None:
+        self.per_second = per_second
+        self.concurrent = concurrent
         self._semaphore = asyncio.Semaphore(concurrent)
         self._spacing = 1.0 / per_second if per_second > 0 else 0.0
         self._next_start = 0.0

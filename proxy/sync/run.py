@@ -11,7 +11,7 @@ from proxy.metrics import Metrics
 from proxy.settings import ConfigError, Settings, format_bytes
 
 from .config import SyncConfig, load_sync_config
-from .endpoints import Endpoints
+from .endpoints import Endpoints, with_sync_logins
 from .progress import Progress, on_terminal
 from .worker import EntryResult, Worker
 
@@ -59,7 +59,7 @@ async def once(
     metrics = Metrics()
     with on_terminal(sys.stderr) as progress:
         if any(entry.to_cache for entry in config.entries):
-            async with open_cache(settings, metrics) as cache:
+            async with open_cache(with_sync_logins(settings, config), metrics) as cache:
                 results = await _run(settings, config, metrics, cache, dry_run, missing, progress)
         else:
             results = await _run(settings, config, metrics, None, dry_run, missing, progress)

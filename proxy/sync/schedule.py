@@ -1,7 +1,8 @@
 """When an entry runs: a cron `schedule` (five fields or `@daily`...) or an `interval`.
 
-regsync registers `schedule`, else `"@every " + interval`, with robfig/cron in local time and
-skips a tick while the previous run of the same entry is still going; so does `run_on`.
+regsync registers `schedule`, else `"@every " + interval`, with robfig/cron in local time (or
+the zone of a `CRON_TZ=` or `TZ=` prefix) and skips a tick while the previous run of the same
+entry is still going; so does `run_on`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import re
+import zoneinfo
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -38,11 +41,14 @@ class Schedule(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Cron:
-    """Five cron fields, in local time."""
+    """Five cron fields, in local time or in `zone`."""
 
     expression: str
+    zone: zoneinfo.ZoneInfo | None = None
 
     def next_after(self, moment: datetime.datetime) -> datetime.datetime:
+        if self.zone is not None:
+            moment = moment.astimezone(self.zone)
         result: datetime.datetime = croniter(self.expression, moment).get_next(datetime.datetime)
         return result
 
@@ -65,16 +71,28 @@ def parse_schedule(schedule: object, interval: object, key: str) -> Schedule | N
         text = " ".join(schedule.split())
         if text.startswith("@every "):
             return _every(text.removeprefix("@every "), f"{key}.schedule")
+        zone_prefix = re.match(r"(?:CRON_)?TZ=(\S+) ", text)
+        zone = None
+        if zone_prefix is not None:
+            zone = _zone(zone_prefix[1], f"{key}.schedule")
+            text = text[zone_prefix.end() :]
         expression = _DESCRIPTORS.get(text, text)
         if len(expression.split()) != 5 or not croniter.is_valid(expression):
             raise ConfigError(
                 f"{key}.schedule: expected five cron fields or @daily/@hourly/@every <duration>, "
-                f"got {schedule!r}"
+                f"optionally after CRON_TZ=<zone>, got {schedule!r}"
             )
-        return Cron(expression)
+        return Cron(expression, zone)
     if interval is not None:
         return _every(interval, f"{key}.interval")
     return None
+
+
+def _zone(name: str, key: str) -> zoneinfo.ZoneInfo:
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{key}: unknown time zone {name!r}") from None
 
 
 def _every(value: object, key: str) -> Every:

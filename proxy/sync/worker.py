@@ -255,7 +255,7 @@ class Worker:
                 "Tag": target_tag,
                 "Digest": current,
             }
-            name = entry.backup.render({"Ref": ref, "Sync": {"Source": str(entry.source)}})
+            name = entry.backup.render({"Ref": ref, "Sync": entry.template_view})
             try:
                 where = await destination.backup(target_tag, current, name)
                 event("sync.backup", entry=entry.name, ref=reference, backup=where, digest=current)
