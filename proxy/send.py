@@ -135,7 +135,13 @@ async def _sendfile(request: web.Request, file: BinaryIO, start: int, end: int) 
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the client went away")
-    await asyncio.get_running_loop().sendfile(transport, file, start, end - start)
+    try:
+        await asyncio.get_running_loop().sendfile(transport, file, start, end - start)
+    except ConnectionError:
+        # sendfile writes to the socket past the transport, which has not seen the client
+        # leave: closed now, so that the answer counts as a departure (499), not an error.
+        transport.abort()
+        raise
 
 
 async def _copy(
