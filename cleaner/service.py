@@ -60,25 +60,30 @@ class Cleaner:
         store: BlobStore,
         metadata: Metadata,
         in_use: Callable[[str], bool] = lambda digest: False,
+        incoming: Callable[[], int] = lambda: 0,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.metadata = metadata
         self.in_use = in_use
+        self.incoming = incoming
         self.metrics = metrics
         self._nudged = asyncio.Event()
         self._lock = asyncio.Lock()
         self._room_needed = 0
 
-    def nudge(self, incoming: int = 0) -> None:
-        """Wake the cleaner now if `incoming` more bytes would pass the high-water mark."""
-        if self.budgeted_size() + incoming > self.settings.high_water_mark:
+    def nudge(self) -> None:
+        """Wake the cleaner now if the cache is past the high-water mark, counting what the
+        downloads in flight will bring."""
+        if self.budgeted_size() > self.settings.high_water_mark:
             self._nudged.set()
 
     def budgeted_size(self) -> int:
-        """What the budget covers: the cached items and the parked partial downloads."""
-        return self.metadata.total_size + sum(parked.size for parked in self._parked())
+        """What the budget covers: the cached items, the parked partial downloads and the
+        downloads in flight."""
+        parked = sum(entry.size for entry in self._parked())
+        return self.metadata.total_size + parked + self.incoming()
 
     def _parked(self) -> list[Parked]:
         """Parked partial downloads, oldest first, but for those being resumed right now.
@@ -108,10 +113,11 @@ class Cleaner:
             over_budget = self.budgeted_size() > self.settings.high_water_mark
             if not (needed or over_budget):
                 continue
-            # Down to the limit; lower only when the disk needs room now. (Not to the items'
-            # size of this moment: parked partials can pass the mark below the limit, and an
-            # item stored while this pass runs would then be evicted at once.)
-            target = self.settings.max_size
+            # Down to the limit, less what is on its way in; lower only when the disk needs
+            # room now. (Not to the items' size of this moment: parked partials can pass the
+            # mark below the limit, and an item stored while this pass runs would then be
+            # evicted at once.)
+            target = self.settings.max_size - self.incoming()
             if needed:
                 target = min(target, self.metadata.total_size - needed)
             try:

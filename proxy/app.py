@@ -220,7 +220,14 @@ async def _background(
     metrics: Metrics,
 ) -> AsyncIterator[None]:
     """The server's own tasks: the cleaner, the access-time writer, the sync worker."""
-    cleaner = Cleaner(settings.cleaner, cache.store, cache.metadata, cache.in_use, metrics)
+    cleaner = Cleaner(
+        settings.cleaner,
+        cache.store,
+        cache.metadata,
+        cache.in_use,
+        cache.fetcher.incoming_size,
+        metrics,
+    )
     cache.fetcher.on_incoming = cleaner.nudge
     cache.fetcher.on_disk_full = cleaner.make_room
     tasks = [

@@ -124,15 +124,20 @@ class BlobFetcher:
         for parked in reversed(store.partials()):
             self._keep_partial(parked.digest, parked.path)
         self._disk_full_until = 0.0
-        # Told how many bytes are on their way into the store (0 once they are in): the
-        # cleaner's cue to run before the disk fills.
-        self.on_incoming: Callable[[int], None] = lambda size: None
+        # Told when a download learned its size, and when one landed: the cleaner's cue to
+        # check the budget, `incoming_size()` included, before the disk fills.
+        self.on_incoming: Callable[[], None] = lambda: None
         # Told how many bytes a write could not find room for: the cleaner must make room now.
         self.on_disk_full: Callable[[int], None] = lambda size: None
 
     @property
     def disk_full(self) -> bool:
         return time.monotonic() < self._disk_full_until
+
+    def incoming_size(self) -> int:
+        """Bytes on their way into the store: every download in flight, whole (what it has
+        written to `tmp/` is not in the metadata's totals either)."""
+        return sum(download.size or 0 for download in self.downloads.values())
 
     def get(
         self, upstream: UpstreamClient, target: Target, digest: Digest
@@ -201,7 +206,7 @@ class BlobFetcher:
             self.downloads.pop(digest, None)
             download.release()
         if stored:
-            self.on_incoming(0)
+            self.on_incoming()
 
     async def _commit(self, download: BlobDownload, target: Target) -> bool:
         """Move a verified download into the store, recorded first: a file under `blobs/`
@@ -257,7 +262,7 @@ class BlobFetcher:
             elif offset:
                 download.restart()
             download.start(size)
-            self.on_incoming((size or 0) - download.written)
+            self.on_incoming()
             await self._pipe(response, download)
 
     async def _pipe(self, response: aiohttp.ClientResponse, download: BlobDownload) -> None:

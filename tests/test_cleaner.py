@@ -16,11 +16,13 @@ import pytest
 from proxy.settings import ConfigError, load_settings
 from tests.conftest import StartProxy
 from tests.support import skopeo
+from tests.support.faulty import FaultyUpstream
 from tests.support.images import Image, push, write_layout
 from tests.support.proxy import Proxy
 from tests.support.registry import Registry
 from tests.support.standin import blob_files
 from tests.support.wait import wait_for
+from tests.test_pull import one_upstream
 
 MiB = 1024 * 1024
 
@@ -136,6 +138,37 @@ def test_parked_partial_downloads_count_against_the_budget_and_go_first(
     cleaned = proxy.admin("clean")
     assert cleaned.returncode == 0 and "dropped parked partial download" in cleaned.stdout
     assert not parked.exists() and held(image, proxy.data)
+
+
+def test_a_download_in_flight_makes_room_before_it_lands(
+    tmp_path: Path, start_proxy: StartProxy
+) -> None:
+    image = write_layout(tmp_path / "layout", "v1", None, [4 * MiB], seed=110)
+    (config,) = image.configs
+    (layer,) = image.layers
+    env = {
+        "CLEANER_MAXSIZE": "3M",
+        "CLEANER_THRESHOLD_PERCENTAGE": "20",
+        "CLEANER_RUNEVERY_TIME": "1h",
+    }
+    faulty = FaultyUpstream(image, "app")
+    with faulty:
+        proxy = start_proxy(one_upstream(faulty), env)
+        assert proxy.get("/v2/test.local/app/manifests/v1")[0] == 200
+        assert proxy.get(f"/v2/test.local/app/blobs/{config}")[0] == 200
+        wait_for(lambda: config.removeprefix("sha256:") in blob_files(proxy.data), "the config")
+        assert proxy.metric("evicted_items_total") == 0
+
+        # The layer's 4 MiB pass the 3.6 MiB high-water mark as soon as its size is known:
+        # the cleaner makes room then, not once the layer is in (it never is: it stalls).
+        faulty.stall_after[layer] = MiB
+        connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+        connection.request("GET", f"/v2/test.local/app/blobs/{layer}")
+        assert connection.getresponse().status == 200
+        wait_for(lambda: proxy.metric("evicted_items_total") == 2, "the manifest and config to go")
+        assert proxy.metric("inflight_downloads") == 1
+        assert blob_files(proxy.data) == set()
+        connection.close()
 
 
 def test_eviction_racing_a_reader_never_gives_a_short_200(
