@@ -107,27 +107,30 @@ class Cleaner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._nudged.wait(), timeout=wait)
             self._nudged.clear()
-            # The admin `clean` command may have evicted from another process meanwhile.
-            await self.metadata.refresh_totals()
             needed, self._room_needed = self._room_needed, 0
-            over_budget = self.budgeted_size() > self.settings.high_water_mark
-            if not (needed or over_budget):
-                continue
-            # Down to the limit, less what is on its way in; lower only when the disk needs
-            # room now. (Not to the items' size of this moment: parked partials can pass the
-            # mark below the limit, and an item stored while this pass runs would then be
-            # evicted at once.)
-            target = self.settings.max_size - self.incoming()
-            if needed:
-                target = min(target, self.metadata.total_size - needed)
             try:
-                report = await self.clean(max_size=max(target, 0))
+                await self._pass(needed)
             except Exception:
+                # A busy or full database, a file system error: the next pass tries again.
                 log.exception("cleaner pass failed")
                 self._room_needed = max(self._room_needed, needed)
-                continue
-            if needed > report.freed and self.metadata.total_size > 0:
-                self._room_needed = max(self._room_needed, needed - report.freed)
+
+    async def _pass(self, needed: int) -> None:
+        """Evict if over the high-water mark, or if the disk needs `needed` bytes now."""
+        # The admin `clean` command may have evicted from another process meanwhile.
+        await self.metadata.refresh_totals()
+        if not (needed or self.budgeted_size() > self.settings.high_water_mark):
+            return
+        # Down to the limit, less what is on its way in; lower only when the disk needs room
+        # now. (Not to the items' size of this moment: parked partials can pass the mark
+        # below the limit, and an item stored while this pass runs would then be evicted at
+        # once.)
+        target = self.settings.max_size - self.incoming()
+        if needed:
+            target = min(target, self.metadata.total_size - needed)
+        report = await self.clean(max_size=max(target, 0))
+        if needed > report.freed and self.metadata.total_size > 0:
+            self._room_needed = max(self._room_needed, needed - report.freed)
 
     async def clean(self, max_size: int | None = None, dry_run: bool = False) -> EvictionReport:
         """Evict least recently used items until the cache holds at most `max_size`."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,10 @@ from typing import Any
 
 import pytest
 
-from proxy.settings import ConfigError, load_settings
+from cleaner.service import Cleaner
+from proxy.metadata import Metadata
+from proxy.settings import CleanerSettings, ConfigError, load_settings
+from proxy.store import BlobStore
 from tests.conftest import StartProxy
 from tests.support import skopeo
 from tests.support.faulty import FaultyUpstream
@@ -169,6 +174,39 @@ def test_a_download_in_flight_makes_room_before_it_lands(
         assert proxy.metric("inflight_downloads") == 1
         assert blob_files(proxy.data) == set()
         connection.close()
+
+
+async def test_the_cleaner_outlives_a_failed_database_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metadata = Metadata(tmp_path / "metadata.db")
+    await metadata.open()
+    settings = CleanerSettings(max_size=1000, run_every=3600)
+    cleaner = Cleaner(settings, BlobStore(tmp_path), metadata)
+    read_totals = metadata.totals
+    reads = 0
+    recovered = asyncio.Event()
+
+    async def locked_once() -> tuple[int, int]:
+        nonlocal reads
+        reads += 1
+        if reads == 1:
+            raise sqlite3.OperationalError("database is locked")
+        recovered.set()
+        return await read_totals()
+
+    monkeypatch.setattr(metadata, "totals", locked_once)
+    serving = asyncio.create_task(cleaner.serve())
+    waiting = asyncio.ensure_future(recovered.wait())
+    try:
+        cleaner.make_room(10)  # the disk needs room: retried every second until it is made
+        await asyncio.wait({serving, waiting}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        assert not serving.done(), serving.exception()
+        assert recovered.is_set()
+    finally:
+        serving.cancel()
+        waiting.cancel()
+        await metadata.close()
 
 
 def test_eviction_racing_a_reader_never_gives_a_short_200(
