@@ -62,13 +62,18 @@ class Cleaner:
         in_use: Callable[[str], bool] = lambda digest: False,
         incoming: Callable[[], int] = lambda: 0,
         metrics: Metrics | None = None,
+        *,
+        manages_partials: bool = True,
     ) -> None:
+        """`manages_partials`: whether the parked partial downloads are this cleaner's to
+        budget and drop; only the server's, which knows the ones it is resuming."""
         self.settings = settings
         self.store = store
         self.metadata = metadata
         self.in_use = in_use
         self.incoming = incoming
         self.metrics = metrics
+        self.manages_partials = manages_partials
         self._nudged = asyncio.Event()
         self._lock = asyncio.Lock()
         self._room_needed = 0
@@ -88,6 +93,8 @@ class Cleaner:
     def _parked(self) -> list[Parked]:
         """Parked partial downloads, oldest first, but for those being resumed right now.
         A handful of files: cheap enough to list on every pass and nudge."""
+        if not self.manages_partials:
+            return []
         return [
             parked
             for parked in reversed(self.store.partials())

@@ -133,16 +133,34 @@ def test_parked_partial_downloads_count_against_the_budget_and_go_first(
     wait_for(lambda: held(image, proxy.data), "the pulled image to be stored")
     assert proxy.metric("evicted_items_total") == 0
 
-    proxy.stop()
-    parked.write_bytes(os.urandom(8 * MiB))
-    dry = proxy.admin("clean", "--dry-run")
-    assert dry.returncode == 0 and f"would drop parked partial download sha256:{'7' * 64}" in (
-        dry.stdout
-    )
-    assert parked.exists()
-    cleaned = proxy.admin("clean")
-    assert cleaned.returncode == 0 and "dropped parked partial download" in cleaned.stdout
-    assert not parked.exists() and held(image, proxy.data)
+
+def test_the_clean_command_leaves_the_servers_working_files_alone(
+    tmp_path: Path, start_proxy: StartProxy
+) -> None:
+    image = write_layout(tmp_path / "layout", "v1", None, [4 * MiB], seed=111)
+    (layer,) = image.layers
+    path = f"/v2/test.local/app/blobs/{layer}"
+    faulty = FaultyUpstream(image, "app")
+    with faulty:
+        proxy = start_proxy(one_upstream(faulty))
+        faulty.cut_after[layer] = MiB
+        connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+        connection.request("GET", path)
+        with pytest.raises(http.client.IncompleteRead):
+            connection.getresponse().read()
+        connection.close()
+        parked = proxy.data / "partial" / layer.replace(":", "-")
+        wait_for(parked.exists, "the cut download to be parked")
+
+        # The next request resumes into the parked file, and stalls there.
+        faulty.stall_after[layer] = MiB
+        connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+        connection.request("GET", path)
+        assert connection.getresponse().status == 200
+        cleaned = proxy.admin("clean", "--max-size", "1")
+        assert cleaned.returncode == 0, cleaned.stderr
+        assert parked.exists() and "partial" not in cleaned.stdout
+        connection.close()
 
 
 def test_a_download_in_flight_makes_room_before_it_lands(
