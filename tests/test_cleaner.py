@@ -301,6 +301,9 @@ def test_metrics_count_miss_then_hit_and_bytes(
     assert proxy.get(f"/v2/test.local/app0/blobs/{layer}")[0] == 200
     assert proxy.metric("cache_misses_total", 'kind="blob"') == 1
     assert proxy.metric("served_bytes_total", 'source="upstream"') == size
+    # The blob is stored just after its last byte went to the client; until then, a request
+    # joins the download.
+    wait_for(lambda: layer.removeprefix("sha256:") in blob_files(proxy.data), "the blob to land")
     assert proxy.get(f"/v2/test.local/app0/blobs/{layer}")[0] == 200
     assert proxy.metric("cache_hits_total", 'kind="blob"') == 1
     assert proxy.metric("served_bytes_total", 'source="cache"') == size
