@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from cleaner.service import Cleaner
-from proxy.metadata import Metadata, Usage
+from proxy.metadata import DATABASE_FILE, Metadata, Usage
 from proxy.settings import Settings, format_bytes
 from proxy.store import BlobStore
 
@@ -21,7 +21,7 @@ Print = Callable[[str], None]
 @asynccontextmanager
 async def _open(settings: Settings) -> AsyncIterator[tuple[BlobStore, Metadata]]:
     store = BlobStore(settings.storage_root)
-    metadata = Metadata(store.root / "metadata.db")
+    metadata = Metadata(store.root / DATABASE_FILE)
     await metadata.open()
     try:
         yield store, metadata

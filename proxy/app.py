@@ -23,7 +23,7 @@ from .auth import AUTH_USER, Authenticator, require_user
 from .cache import Cache, open_cache
 from .errors import RegistryError
 from .logs import access_lines, access_members
-from .metadata import Metadata
+from .metadata import DATABASE_FILE, Metadata, set_aside_if_corrupt
 from .metrics import Metrics
 from .routes import API_VERSION_HEADERS, CACHE, CACHE_STATUS, Guard, Routes, require_read
 from .send import client_gone
@@ -261,6 +261,10 @@ def build_app(settings: Settings) -> web.Application:
         app[SYNC_STATUS] = sync.entries
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
+        # A corrupt database would stop every start: a fresh one is rebuilt from the store
+        # (the reconciliation adopts every file that verifies).
+        database = settings.storage_root.resolve() / DATABASE_FILE
+        await asyncio.to_thread(set_aside_if_corrupt, database)
         async with open_cache(settings, metrics) as cache:
             await reconcile(cache.store, cache.metadata)
             async with _background(settings, sync, cache, metrics):

@@ -290,6 +290,39 @@ def test_restart_reconciles_disk_and_database(
     assert verify.returncode == 0 and "0 corrupt" in verify.stdout
 
 
+def damage(database: Path, how: str) -> None:
+    """Garbage in place of the whole file, or only past its header page."""
+    if how == "garbage":
+        database.write_bytes(os.urandom(64 * 1024))
+        return
+    with open(database, "r+b") as file:
+        file.seek(4096)
+        file.write(os.urandom(database.stat().st_size - 4096))
+
+
+@pytest.mark.parametrize("how", ["garbage", "damaged pages"])
+def test_a_corrupt_database_is_set_aside_and_rebuilt_from_the_store(
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy, how: str
+) -> None:
+    (image,) = images(tmp_path, upstream, 1, 200_000)
+    proxy = cache_for(start_proxy, upstream, {})
+    pull(proxy, 0, tmp_path / "p0")
+    wait_for(lambda: held(image, proxy.data), "the image to be stored")
+    proxy.stop()
+    damage(proxy.data / "metadata.db", how)
+
+    proxy.start()
+    assert len(list(proxy.data.glob("metadata.db.corrupt-*"))) == 1
+    assert "the metadata database is corrupt" in proxy.log()
+    # Every stored file verified and was adopted: served, and counted, as before.
+    files = [path for path in (proxy.data / "blobs").rglob("*") if path.is_file()]
+    assert proxy.metric("cache_items") == len(files) == len(image.blobs) + 1
+    assert proxy.metric("cache_size_bytes") == sum(path.stat().st_size for path in files)
+    upstream.stop()
+    for digest in image.blobs:
+        assert proxy.get(f"/v2/test.local/app0/blobs/{digest}")[0] == 200
+
+
 def test_metrics_count_miss_then_hit_and_bytes(
     tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
