@@ -60,29 +60,41 @@ class Cleaner:
         store: BlobStore,
         metadata: Metadata,
         in_use: Callable[[str], bool] = lambda digest: False,
+        incoming: Callable[[], int] = lambda: 0,
         metrics: Metrics | None = None,
+        *,
+        manages_partials: bool = True,
     ) -> None:
+        """`manages_partials`: whether the parked partial downloads are this cleaner's to
+        budget and drop; only the server's, which knows the ones it is resuming."""
         self.settings = settings
         self.store = store
         self.metadata = metadata
         self.in_use = in_use
+        self.incoming = incoming
         self.metrics = metrics
+        self.manages_partials = manages_partials
         self._nudged = asyncio.Event()
         self._lock = asyncio.Lock()
         self._room_needed = 0
 
-    def nudge(self, incoming: int = 0) -> None:
-        """Wake the cleaner now if `incoming` more bytes would pass the high-water mark."""
-        if self.budgeted_size() + incoming > self.settings.high_water_mark:
+    def nudge(self) -> None:
+        """Wake the cleaner now if the cache is past the high-water mark, counting what the
+        downloads in flight will bring."""
+        if self.budgeted_size() > self.settings.high_water_mark:
             self._nudged.set()
 
     def budgeted_size(self) -> int:
-        """What the budget covers: the cached items and the parked partial downloads."""
-        return self.metadata.total_size + sum(parked.size for parked in self._parked())
+        """What the budget covers: the cached items, the parked partial downloads and the
+        downloads in flight."""
+        parked = sum(entry.size for entry in self._parked())
+        return self.metadata.total_size + parked + self.incoming()
 
     def _parked(self) -> list[Parked]:
         """Parked partial downloads, oldest first, but for those being resumed right now.
         A handful of files: cheap enough to list on every pass and nudge."""
+        if not self.manages_partials:
+            return []
         return [
             parked
             for parked in reversed(self.store.partials())
@@ -102,26 +114,30 @@ class Cleaner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._nudged.wait(), timeout=wait)
             self._nudged.clear()
-            # The admin `clean` command may have evicted from another process meanwhile.
-            await self.metadata.refresh_totals()
             needed, self._room_needed = self._room_needed, 0
-            over_budget = self.budgeted_size() > self.settings.high_water_mark
-            if not (needed or over_budget):
-                continue
-            # Down to the limit; lower only when the disk needs room now. (Not to the items'
-            # size of this moment: parked partials can pass the mark below the limit, and an
-            # item stored while this pass runs would then be evicted at once.)
-            target = self.settings.max_size
-            if needed:
-                target = min(target, self.metadata.total_size - needed)
             try:
-                report = await self.clean(max_size=max(target, 0))
+                await self._pass(needed)
             except Exception:
+                # A busy or full database, a file system error: the next pass tries again.
                 log.exception("cleaner pass failed")
                 self._room_needed = max(self._room_needed, needed)
-                continue
-            if needed > report.freed and self.metadata.total_size > 0:
-                self._room_needed = max(self._room_needed, needed - report.freed)
+
+    async def _pass(self, needed: int) -> None:
+        """Evict if over the high-water mark, or if the disk needs `needed` bytes now."""
+        # The admin `clean` command may have evicted from another process meanwhile.
+        await self.metadata.refresh_totals()
+        if not (needed or self.budgeted_size() > self.settings.high_water_mark):
+            return
+        # Down to the limit, less what is on its way in; lower only when the disk needs room
+        # now. (Not to the items' size of this moment: parked partials can pass the mark
+        # below the limit, and an item stored while this pass runs would then be evicted at
+        # once.)
+        target = self.settings.max_size - self.incoming()
+        if needed:
+            target = min(target, self.metadata.total_size - needed)
+        report = await self.clean(max_size=max(target, 0))
+        if needed > report.freed and self.metadata.total_size > 0:
+            self._room_needed = max(self._room_needed, needed - report.freed)
 
     async def clean(self, max_size: int | None = None, dry_run: bool = False) -> EvictionReport:
         """Evict least recently used items until the cache holds at most `max_size`."""

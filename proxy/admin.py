@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from cleaner.service import Cleaner
-from proxy.metadata import Metadata, Usage
+from proxy.metadata import DATABASE_FILE, Metadata, Usage
 from proxy.settings import ConfigError, Settings, format_bytes
 from proxy.store import BlobStore
 
@@ -28,7 +28,7 @@ async def _open(settings: Settings) -> AsyncIterator[tuple[BlobStore, Metadata]]
             f"{settings.storage_root} does not exist; give the server's --config"
         )
     store = BlobStore(settings.storage_root)
-    metadata = Metadata(store.root / "metadata.db")
+    metadata = Metadata(store.root / DATABASE_FILE)
     await metadata.open()
     try:
         yield store, metadata
@@ -72,9 +72,12 @@ async def ls(settings: Settings, prefix: str, out: Print) -> int:
 
 async def clean(settings: Settings, max_size: int | None, dry_run: bool, out: Print) -> int:
     """One cleaner pass now. Without `max_size`, the server's rule: act above the high-water
-    mark, down to the limit; with it, evict down to `max_size` whatever the size."""
+    mark, down to the limit; with it, evict down to `max_size` whatever the size.
+
+    Only verified items go: `partial/` and `tmp/` are the server's working files (it may be
+    resuming a download into one right now), left to its own cleaner and start-up."""
     async with _open(settings) as (store, metadata):
-        cleaner = Cleaner(settings.cleaner, store, metadata)
+        cleaner = Cleaner(settings.cleaner, store, metadata, manages_partials=False)
         total = cleaner.budgeted_size()  # items counted when the database was opened
         if max_size is None and total <= settings.cleaner.high_water_mark:
             out(
@@ -83,9 +86,6 @@ async def clean(settings: Settings, max_size: int | None, dry_run: bool, out: Pr
             )
             return 0
         report = await cleaner.clean(max_size=max_size, dry_run=dry_run)
-    dropped = "would drop" if dry_run else "dropped"
-    for parked in report.dropped:
-        out(f"{dropped} parked partial download {parked.digest} {format_bytes(parked.size)}")
     verb = "would evict" if dry_run else "evicted"
     for victim in report.victims:
         out(f"{verb} {victim.kind} {victim.digest} {format_bytes(victim.size)}")

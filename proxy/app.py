@@ -23,7 +23,7 @@ from .auth import AUTH_USER, Authenticator, require_user
 from .cache import Cache, open_cache
 from .errors import RegistryError
 from .logs import access_lines, access_members
-from .metadata import Metadata
+from .metadata import DATABASE_FILE, Metadata, set_aside_if_corrupt
 from .metrics import Metrics
 from .routes import API_VERSION_HEADERS, CACHE, CACHE_STATUS, Guard, Routes, require_read
 from .send import client_gone
@@ -221,7 +221,14 @@ async def _background(
     metrics: Metrics,
 ) -> AsyncIterator[None]:
     """The server's own tasks: the cleaner, the access-time writer, the sync worker."""
-    cleaner = Cleaner(settings.cleaner, cache.store, cache.metadata, cache.in_use, metrics)
+    cleaner = Cleaner(
+        settings.cleaner,
+        cache.store,
+        cache.metadata,
+        cache.in_use,
+        cache.fetcher.incoming_size,
+        metrics,
+    )
     cache.fetcher.on_incoming = cleaner.nudge
     cache.fetcher.on_disk_full = cleaner.make_room
     tasks = [
@@ -255,6 +262,10 @@ def build_app(settings: Settings) -> web.Application:
         app[SYNC_STATUS] = sync.entries
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
+        # A corrupt database would stop every start: a fresh one is rebuilt from the store
+        # (the reconciliation adopts every file that verifies).
+        database = settings.storage_root.resolve() / DATABASE_FILE
+        await asyncio.to_thread(set_aside_if_corrupt, database)
         # Sync entries into the cache fetch through its clients, with the sync file's logins.
         cache_settings = settings if sync is None else with_sync_logins(settings, sync.config)
         async with open_cache(cache_settings, metrics) as cache:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
@@ -38,6 +39,13 @@ _DISK_FULL_BACKOFF: Final = 30.0
 _MAX_PARTIALS: Final = 16
 # Batches of about CHUNK_SIZE received but not yet written: memory per download is bounded.
 _PIPELINE_DEPTH: Final = 4
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether a write failed for want of space, on the file system or in SQLite."""
+    if isinstance(exc, OSError):
+        return exc.errno in _DISK_FULL
+    return isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode == sqlite3.SQLITE_FULL
 
 
 class _Abandoned(Exception):
@@ -116,15 +124,20 @@ class BlobFetcher:
         for parked in reversed(store.partials()):
             self._keep_partial(parked.digest, parked.path)
         self._disk_full_until = 0.0
-        # Told how many bytes are on their way into the store (0 once they are in): the
-        # cleaner's cue to run before the disk fills.
-        self.on_incoming: Callable[[int], None] = lambda size: None
+        # Told when a download learned its size, and when one landed: the cleaner's cue to
+        # check the budget, `incoming_size()` included, before the disk fills.
+        self.on_incoming: Callable[[], None] = lambda: None
         # Told how many bytes a write could not find room for: the cleaner must make room now.
         self.on_disk_full: Callable[[int], None] = lambda size: None
 
     @property
     def disk_full(self) -> bool:
         return time.monotonic() < self._disk_full_until
+
+    def incoming_size(self) -> int:
+        """Bytes on their way into the store: every download in flight, whole (what it has
+        written to `tmp/` is not in the metadata's totals either)."""
+        return sum(download.size or 0 for download in self.downloads.values())
 
     def get(
         self, upstream: UpstreamClient, target: Target, digest: Digest
@@ -151,6 +164,13 @@ class BlobFetcher:
         """Let downloads in flight finish (they are bounded by the upstream timeouts)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _disk_filled(self, needed: int) -> None:
+        """A write found no room: serve uncached for a while, give back what parked partial
+        downloads hold, and have the cleaner free at least `needed` bytes."""
+        self._disk_full_until = time.monotonic() + _DISK_FULL_BACKOFF
+        self._drop_partials()
+        self.on_disk_full(max(needed, CHUNK_SIZE))
 
     def _drop_partials(self) -> None:
         """Give a full disk back what parked partial downloads hold: the cleaner does not see
@@ -181,19 +201,46 @@ class BlobFetcher:
             return
         download.succeed()
         try:
+            stored = await self._commit(download, target)
+        finally:
+            self.downloads.pop(digest, None)
+            download.release()
+        if stored:
+            self.on_incoming()
+
+    async def _commit(self, download: BlobDownload, target: Target) -> bool:
+        """Move a verified download into the store, recorded first: a file under `blobs/`
+        always has its record, so the cleaner's accounting never misses it. (A crash between
+        the two leaves a record without a file, which start-up drops.) A blob that cannot be
+        stored is dropped and fetched again when next asked for; a full disk, the file
+        system's or SQLite's, also makes the cleaner free room."""
+        digest = download.digest
+        recorded = False
+        try:
             await asyncio.get_running_loop().run_in_executor(None, download.sync)
-            self.store.commit(download.temp_path, digest)
             await self.metadata.add_item(
                 ItemRecord(str(digest), "blob", download.written, None),
                 (target.upstream, target.repository),
             )
-            self.on_incoming(0)
-        except OSError as exc:
+            recorded = True
+            self.store.commit(download.temp_path, digest)
+        except (OSError, sqlite3.Error) as exc:
             log.error("could not store %s: %s", digest, exc)
             download.temp_path.unlink(missing_ok=True)
-        finally:
-            self.downloads.pop(digest, None)
-            download.release()
+            if recorded:
+                await self._forget(digest)
+            if _disk_full(exc):
+                self._disk_filled(download.written)
+            return False
+        return True
+
+    async def _forget(self, digest: Digest) -> None:
+        """Drop the record of a blob that did not reach the store."""
+        try:
+            await self.metadata.remove_item(str(digest))
+        except sqlite3.Error as exc:
+            # No file: the cleaner's next eviction of it, or start-up, drops the record.
+            log.warning("could not drop the record of unstored %s: %s", digest, exc)
 
     async def _transfer(
         self, upstream: UpstreamClient, target: Target, download: BlobDownload
@@ -215,7 +262,7 @@ class BlobFetcher:
             elif offset:
                 download.restart()
             download.start(size)
-            self.on_incoming((size or 0) - download.written)
+            self.on_incoming()
             await self._pipe(response, download)
 
     async def _pipe(self, response: aiohttp.ClientResponse, download: BlobDownload) -> None:
@@ -269,10 +316,8 @@ class BlobFetcher:
     def _fail(self, download: BlobDownload, exc: Exception, target: Target) -> None:
         """Report a failed download to its readers; keep what a cut one got, for a resume."""
         digest = download.digest
-        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-            self._disk_full_until = time.monotonic() + _DISK_FULL_BACKOFF
-            self._drop_partials()
-            self.on_disk_full(max((download.size or 0) - download.written, CHUNK_SIZE))
+        if _disk_full(exc):
+            self._disk_filled((download.size or 0) - download.written)
             error: Exception = RegistryError(errors.UNAVAILABLE, "the cache's disk is full")
         elif isinstance(exc, UpstreamError):
             error = upstream_failure(exc, errors.BLOB_UNKNOWN)

@@ -36,7 +36,7 @@ from .manifest import (
     is_schema1,
     read_manifest,
 )
-from .metadata import ItemRecord, Metadata, ReferrersPage, TagRecord
+from .metadata import DATABASE_FILE, ItemRecord, Metadata, ReferrersPage, TagRecord
 from .metrics import Metrics
 from .reference import Digest, Tag, Target
 from .settings import Settings
@@ -484,7 +484,7 @@ async def open_cache(settings: Settings, metrics: Metrics) -> AsyncIterator[Cach
     """The cache of a data directory with its upstream clients, closed on exit: for the server
     and for commands that run beside (or without) it; SQLite in WAL mode lets both in."""
     store = BlobStore(settings.storage_root)
-    metadata = Metadata(store.root / "metadata.db")
+    metadata = Metadata(store.root / DATABASE_FILE)
     await metadata.open()
     upstreams = {
         name: UpstreamClient(

@@ -13,7 +13,10 @@ path does no database write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 __all__ = [
+    "DATABASE_FILE",
     "Candidate",
     "ItemRecord",
     "Metadata",
@@ -30,9 +34,15 @@ __all__ = [
     "TagListing",
     "TagRecord",
     "Usage",
+    "set_aside_if_corrupt",
 ]
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
+
+DATABASE_FILE: Final = "metadata.db"
+"""The database's name in the data directory."""
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS items (
@@ -157,6 +167,34 @@ def _like_prefix(prefix: str) -> str:
     """A LIKE pattern for names under `prefix` (whole path components)."""
     escaped = prefix.strip("/").replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"{escaped}/%" if escaped else "%"
+
+
+def _corruption(path: Path) -> str | None:
+    """What SQLite finds wrong with the database at `path`, or None when it is sound."""
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+    except sqlite3.DatabaseError as exc:
+        # The extended code's low byte is the primary one.
+        if (exc.sqlite_errorcode & 0xFF) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            return str(exc)
+        raise
+    return None if problems == ["ok"] else "; ".join(problems)
+
+
+def set_aside_if_corrupt(path: Path) -> None:
+    """Move a database SQLite finds corrupt, with its WAL, to `<path>.corrupt-<UTC time>`,
+    for the caller to rebuild from the store. Blocking, and only for start-up: nothing else
+    may have the database open."""
+    problem = _corruption(path) if path.exists() else None
+    if problem is None:
+        return
+    moment = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = path.with_name(f"{path.name}.corrupt-{moment}")
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+    log.error("the metadata database is corrupt (%s): moved to %s, rebuilding", problem, aside)
 
 
 class Metadata:

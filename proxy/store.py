@@ -91,11 +91,15 @@ class BlobStore:
         os.replace(temp, target)
 
     def write(self, digest: Digest, data: bytes) -> None:
-        """Store small verified content (a manifest) through a temporary file and a rename."""
+        """Store small verified content (a manifest) through a temporary file and a rename,
+        flushed to disk first as a download is: after a power loss the renamed file could
+        otherwise hold the right number of zeros, which start-up's size check lets through."""
         temp = self.temp_path()
         try:
             with open(temp, "wb") as file:
                 file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
             self.commit(temp, digest)
         finally:
             with contextlib.suppress(FileNotFoundError):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -14,14 +16,19 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.settings import ConfigError, load_settings
+from cleaner.service import Cleaner
+from proxy.metadata import Metadata
+from proxy.settings import CleanerSettings, ConfigError, load_settings
+from proxy.store import BlobStore
 from tests.conftest import StartProxy
 from tests.support import skopeo
+from tests.support.faulty import FaultyUpstream
 from tests.support.images import Image, push, write_layout
 from tests.support.proxy import Proxy
 from tests.support.registry import Registry
 from tests.support.standin import blob_files
 from tests.support.wait import wait_for
+from tests.test_pull import one_upstream
 
 MiB = 1024 * 1024
 
@@ -127,16 +134,98 @@ def test_parked_partial_downloads_count_against_the_budget_and_go_first(
     wait_for(lambda: held(image, proxy.data), "the pulled image to be stored")
     assert proxy.metric("evicted_items_total") == 0
 
-    proxy.stop()
-    parked.write_bytes(os.urandom(8 * MiB))
-    dry = proxy.admin("clean", "--dry-run")
-    assert dry.returncode == 0 and f"would drop parked partial download sha256:{'7' * 64}" in (
-        dry.stdout
-    )
-    assert parked.exists()
-    cleaned = proxy.admin("clean")
-    assert cleaned.returncode == 0 and "dropped parked partial download" in cleaned.stdout
-    assert not parked.exists() and held(image, proxy.data)
+
+def test_the_clean_command_leaves_the_servers_working_files_alone(
+    tmp_path: Path, start_proxy: StartProxy
+) -> None:
+    image = write_layout(tmp_path / "layout", "v1", None, [4 * MiB], seed=111)
+    (layer,) = image.layers
+    path = f"/v2/test.local/app/blobs/{layer}"
+    faulty = FaultyUpstream(image, "app")
+    with faulty:
+        proxy = start_proxy(one_upstream(faulty))
+        faulty.cut_after[layer] = MiB
+        connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+        connection.request("GET", path)
+        with pytest.raises(http.client.IncompleteRead):
+            connection.getresponse().read()
+        connection.close()
+        parked = proxy.data / "partial" / layer.replace(":", "-")
+        wait_for(parked.exists, "the cut download to be parked")
+
+        # The next request resumes into the parked file, and stalls there.
+        faulty.stall_after[layer] = MiB
+        connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+        connection.request("GET", path)
+        assert connection.getresponse().status == 200
+        cleaned = proxy.admin("clean", "--max-size", "1")
+        assert cleaned.returncode == 0, cleaned.stderr
+        assert parked.exists() and "partial" not in cleaned.stdout
+        connection.close()
+
+
+def test_a_download_in_flight_makes_room_before_it_lands(
+    tmp_path: Path, start_proxy: StartProxy
+) -> None:
+    image = write_layout(tmp_path / "layout", "v1", None, [4 * MiB], seed=110)
+    (config,) = image.configs
+    (layer,) = image.layers
+    env = {
+        "CLEANER_MAXSIZE": "3M",
+        "CLEANER_THRESHOLD_PERCENTAGE": "20",
+        "CLEANER_RUNEVERY_TIME": "1h",
+    }
+    faulty = FaultyUpstream(image, "app")
+    with faulty:
+        proxy = start_proxy(one_upstream(faulty), env)
+        assert proxy.get("/v2/test.local/app/manifests/v1")[0] == 200
+        assert proxy.get(f"/v2/test.local/app/blobs/{config}")[0] == 200
+        wait_for(lambda: config.removeprefix("sha256:") in blob_files(proxy.data), "the config")
+        assert proxy.metric("evicted_items_total") == 0
+
+        # The layer's 4 MiB pass the 3.6 MiB high-water mark as soon as its size is known:
+        # the cleaner makes room then, not once the layer is in (it never is: it stalls).
+        faulty.stall_after[layer] = MiB
+        connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+        connection.request("GET", f"/v2/test.local/app/blobs/{layer}")
+        assert connection.getresponse().status == 200
+        wait_for(lambda: proxy.metric("evicted_items_total") == 2, "the manifest and config to go")
+        assert proxy.metric("inflight_downloads") == 1
+        assert blob_files(proxy.data) == set()
+        connection.close()
+
+
+async def test_the_cleaner_outlives_a_failed_database_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metadata = Metadata(tmp_path / "metadata.db")
+    await metadata.open()
+    settings = CleanerSettings(max_size=1000, run_every=3600)
+    cleaner = Cleaner(settings, BlobStore(tmp_path), metadata)
+    read_totals = metadata.totals
+    reads = 0
+    recovered = asyncio.Event()
+
+    async def locked_once() -> tuple[int, int]:
+        nonlocal reads
+        reads += 1
+        if reads == 1:
+            raise sqlite3.OperationalError("database is locked")
+        recovered.set()
+        return await read_totals()
+
+    monkeypatch.setattr(metadata, "totals", locked_once)
+    serving = asyncio.create_task(cleaner.serve())
+    waiting = asyncio.ensure_future(recovered.wait())
+    try:
+        cleaner.make_room(10)  # the disk needs room: retried every second until it is made
+        await asyncio.wait({serving, waiting}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        assert not serving.done(), serving.exception()
+        assert recovered.is_set()
+    finally:
+        serving.cancel()
+        waiting.cancel()
+        await metadata.close()
 
 
 def test_eviction_racing_a_reader_never_gives_a_short_200(
@@ -221,6 +310,39 @@ def test_restart_reconciles_disk_and_database(
     assert verify.returncode == 0 and "0 corrupt" in verify.stdout
 
 
+def damage(database: Path, how: str) -> None:
+    """Garbage in place of the whole file, or only past its header page."""
+    if how == "garbage":
+        database.write_bytes(os.urandom(64 * 1024))
+        return
+    with open(database, "r+b") as file:
+        file.seek(4096)
+        file.write(os.urandom(database.stat().st_size - 4096))
+
+
+@pytest.mark.parametrize("how", ["garbage", "damaged pages"])
+def test_a_corrupt_database_is_set_aside_and_rebuilt_from_the_store(
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy, how: str
+) -> None:
+    (image,) = images(tmp_path, upstream, 1, 200_000)
+    proxy = cache_for(start_proxy, upstream, {})
+    pull(proxy, 0, tmp_path / "p0")
+    wait_for(lambda: held(image, proxy.data), "the image to be stored")
+    proxy.stop()
+    damage(proxy.data / "metadata.db", how)
+
+    proxy.start()
+    assert len(list(proxy.data.glob("metadata.db.corrupt-*"))) == 1
+    assert "the metadata database is corrupt" in proxy.log()
+    # Every stored file verified and was adopted: served, and counted, as before.
+    files = [path for path in (proxy.data / "blobs").rglob("*") if path.is_file()]
+    assert proxy.metric("cache_items") == len(files) == len(image.blobs) + 1
+    assert proxy.metric("cache_size_bytes") == sum(path.stat().st_size for path in files)
+    upstream.stop()
+    for digest in image.blobs:
+        assert proxy.get(f"/v2/test.local/app0/blobs/{digest}")[0] == 200
+
+
 def test_metrics_count_miss_then_hit_and_bytes(
     tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
@@ -232,9 +354,9 @@ def test_metrics_count_miss_then_hit_and_bytes(
     assert proxy.get(f"/v2/test.local/app0/blobs/{layer}")[0] == 200
     assert proxy.metric("cache_misses_total", 'kind="blob"') == 1
     assert proxy.metric("served_bytes_total", 'source="upstream"') == size
-    # The client has every byte once the digest matched; the file is renamed into the store
-    # after its fsync, and until then a request joins the download (another miss).
-    wait_for(lambda: layer.removeprefix("sha256:") in blob_files(proxy.data), "the blob stored")
+    # The blob is stored just after its last byte went to the client; until then, a request
+    # joins the download.
+    wait_for(lambda: layer.removeprefix("sha256:") in blob_files(proxy.data), "the blob to land")
     assert proxy.get(f"/v2/test.local/app0/blobs/{layer}")[0] == 200
     assert proxy.metric("cache_hits_total", 'kind="blob"') == 1
     assert proxy.metric("served_bytes_total", 'source="cache"') == size

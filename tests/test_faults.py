@@ -347,6 +347,39 @@ def test_a_full_disk_takes_back_parked_partial_downloads_first(
     assert skopeo.read_dir_copy(tmp_path / "second").blobs == image.blobs
 
 
+def fill_leaving(disk: Path, free: int) -> None:
+    """Take all the room on `disk` but `free` bytes, with one file."""
+    filler = disk / "filler"
+    with open(filler, "wb") as file, contextlib.suppress(OSError):
+        while True:
+            file.write(bytes(64 * 1024))
+            file.flush()
+    os.truncate(filler, filler.stat().st_size - free)
+
+
+def test_a_blob_the_full_database_cannot_record_is_not_kept(
+    image: Image, faulty: FaultyUpstream, start_proxy: StartProxy, small_disk: Path
+) -> None:
+    layer = image.layers[0]
+    size = image.blobs[layer]
+    proxy = start_proxy({**one_upstream(faulty), "storage": {"root": str(small_disk)}})
+    # Room for the blob and one page more: the file fits, SQLite's record of it does not.
+    page = 4096
+    fill_leaving(small_disk, -(-size // page) * page + page)
+
+    status, body = fetch(proxy, blob_path(layer))
+    assert status == 200 and hashlib.sha256(body).hexdigest() == layer.removeprefix("sha256:")
+    wait_for(lambda: proxy.metric("inflight_downloads") == 0, "the download to end")
+    # Not stored, since nothing would account for it; and the cleaner is told to make room.
+    assert blob_files(small_disk) == set()
+    status, _, body = proxy.get("/readyz")
+    assert status == 503 and b"disk is full" in body
+    assert "never retrieved" not in proxy.log()
+    proxy.stop()
+    du = proxy.admin("du")
+    assert du.returncode == 0 and "total: 0 bytes in 0 items" in du.stdout
+
+
 def test_client_leaving_halfway_does_not_stop_the_download(
     tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
