@@ -364,15 +364,20 @@ class UpstreamClient:
         query = {"scope": scope}
         if "service" in challenge:
             query["service"] = challenge["service"]
-        headers = {}
+        authorization = None
         # Credentials go over TLS, or to the upstream's own host (a plain-HTTP test or intranet
         # registry); never in clear text to anyone else.
         secure = realm.scheme == "https" or realm.host == self.base.host
         if self.settings.username and self.settings.password and secure:
-            headers["Authorization"] = _basic(self.settings.username, self.settings.password)
+            authorization = _basic(self.settings.username, self.settings.password)
         started = time.monotonic()
         try:
-            async with self._session.get(realm.with_query(query), headers=headers) as response:
+            # Through the redirect loop: a token service may only send us to the upstream's
+            # hosts, and its credentials stay with the realm's origin.
+            response = await self._send_following_redirects(
+                "GET", realm.with_query(query), {}, authorization
+            )
+            try:
                 if response.status in (401, 403):
                     raise UpstreamUnauthorized(
                         response.status, f"{self.settings.name}'s token service refused us"
@@ -382,6 +387,8 @@ class UpstreamClient:
                         f"{self.settings.name}'s token service answered {response.status}"
                     )
                 document = await response.json(content_type=None)
+            finally:
+                response.release()
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise UpstreamUnavailable(
                 f"{self.settings.name}'s token service failed: {type(exc).__name__}"

@@ -155,6 +155,32 @@ def test_token_realm_gets_credentials_only_on_the_upstreams_host(
 
 
 @pytest.mark.parametrize(
+    ("token_host", "followed"),
+    [("127.0.0.1", True), ("127.0.0.2", False)],
+    ids=["upstream's own host", "another address"],
+)
+def test_token_service_redirects_go_only_to_the_upstreams_hosts_without_credentials(
+    start_proxy: StartProxy, image: Image, token_host: str, followed: bool
+) -> None:
+    with StandIn(image, "app") as registry, StandIn(image, "app", host=token_host) as tokens:
+        registry.challenge = f'Bearer realm="{registry.url}/token",service="standin"'
+        registry.token_redirect = tokens.url
+        user, password = UPSTREAM_CREDS
+        proxy = start_proxy(one_upstream(registry, username=user, password=password))
+
+        status, _, body = proxy.get("/v2/test.local/app/manifests/v1", {"Accept": ACCEPT_ALL})
+
+        if followed:
+            assert (status, body) == (200, image.raw)
+            assert tokens.authorizations == [("/token", None)]
+        else:
+            assert status == 502
+            assert tokens.authorizations == []
+        sent = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        assert ("/token", sent) in registry.authorizations
+
+
+@pytest.mark.parametrize(
     ("storage_host", "followed"),
     [("127.0.0.1", True), ("127.0.0.2", False)],
     ids=["upstream's own host", "another address"],

@@ -2,9 +2,9 @@
 
 It serves one generated image from its OCI layout, and can be told to misbehave: send bytes
 that do not match a blob's digest, challenge for a token from a realm on another host, or
-redirect blob downloads elsewhere. It records every request with its `Authorization`, so a
-second instance on another loopback address can stand for a host that must never be reached.
-Everything else in the tests talks to real distribution.
+redirect blob downloads or token requests elsewhere. It records every request with its
+`Authorization`, so a second instance on another loopback address can stand for a host that
+must never be reached. Everything else in the tests talks to real distribution.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ class StandIn:
         """Descriptors per referrers page, with a `Link` to the next one (an opaque token)."""
         self.blob_redirect: str | None = None
         """A base URL that blob GETs are redirected to (same path)."""
+        self.token_redirect: str | None = None
+        """A base URL that token requests are redirected to (same path and query)."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
@@ -92,6 +94,8 @@ class StandIn:
         return web.Response(body=json.dumps(index).encode(), headers=headers)
 
     async def _token(self, request: web.Request) -> web.Response:
+        if self.token_redirect is not None:
+            raise web.HTTPFound(self.token_redirect + request.path_qs)
         return web.json_response({"token": "standin-token", "expires_in": 300})
 
     async def _blob(self, request: web.Request) -> web.Response:
