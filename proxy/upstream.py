@@ -35,7 +35,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .reachability import Reachability
-from .settings import UpstreamSettings, host_allowed
+from .settings import UpstreamSettings, host_allowed, receives_credentials
 
 __all__ = ["RateLimit", "UpstreamClient", "read_body"]
 
@@ -261,7 +261,7 @@ class UpstreamClient:
         headers: Mapping[str, str],
         data: bytes | None = None,
     ) -> aiohttp.ClientResponse:
-        authorization = self._authorization(scope)
+        authorization = self._authorization(url, scope)
         response = await self._send_following_redirects(method, url, headers, authorization, data)
         if response.status != 401:
             return response
@@ -276,10 +276,13 @@ class UpstreamClient:
             await self._refresh_token(params, params.get("scope") or scope)
         else:
             raise UpstreamUnauthorized(401, f"{self.settings.name} requires credentials we lack")
-        authorization = self._authorization(params.get("scope") or scope)
+        authorization = self._authorization(url, params.get("scope") or scope)
         return await self._send_following_redirects(method, url, headers, authorization, data)
 
-    def _authorization(self, scope: str) -> str | None:
+    def _authorization(self, url: URL, scope: str) -> str | None:
+        """The token or credentials for `url`; none for an upload `Location` on another host."""
+        if not receives_credentials(url.scheme, url.host or "", self.settings):
+            return None
         token = self._tokens.get(scope)
         if token is not None and token.expires_at > time.monotonic():
             return f"Bearer {token.value}"
@@ -365,10 +368,12 @@ class UpstreamClient:
         if "service" in challenge:
             query["service"] = challenge["service"]
         authorization = None
-        # Credentials go over TLS, or to the upstream's own host (a plain-HTTP test or intranet
-        # registry); never in clear text to anyone else.
-        secure = realm.scheme == "https" or realm.host == self.base.host
-        if self.settings.username and self.settings.password and secure:
+        # A realm on another host (a CDN's, an extra domain's) is asked anonymously.
+        if (
+            self.settings.username
+            and self.settings.password
+            and receives_credentials(realm.scheme, realm.host or "", self.settings)
+        ):
             authorization = _basic(self.settings.username, self.settings.password)
         started = time.monotonic()
         try:
