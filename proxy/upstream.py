@@ -132,11 +132,13 @@ class UpstreamClient:
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=connect_timeout, sock_read=read_timeout
             ),
-            # Blobs are stored byte for byte; a transparent gunzip would corrupt them.
+            # Blobs are stored byte for byte; a transparent gunzip would corrupt them. So ask
+            # for the bytes themselves: aiohttp offers gzip and deflate by default, which token
+            # services and CDNs take up.
             auto_decompress=False,
             # Let a megabyte arrive while the last one is hashed, instead of pausing the socket.
             read_bufsize=1024 * 1024,
-            headers={"User-Agent": _USER_AGENT},
+            headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
         )
         self._tokens: dict[str, _Token] = {}
         self._token_locks: dict[str, asyncio.Lock] = {}

@@ -203,6 +203,22 @@ def test_corrupt_upstream_bytes_never_enter_the_cache(
         assert layer.removeprefix("sha256:") in blob_files(proxy.data)
 
 
+def test_an_upstream_that_compresses_what_it_may_is_asked_for_the_bytes_themselves(
+    tmp_path: Path, start_proxy: StartProxy
+) -> None:
+    """Token services and CDNs gzip for clients that accept it; the cache stores blobs byte
+    for byte and decompresses nothing, so it accepts only the identity encoding."""
+    image = write_layout(tmp_path / "layout", "v1", None, [200_000], seed=7)
+    with StandIn(image, "app") as standin:
+        standin.compressing = True
+        standin.challenge = f'Bearer realm="{standin.url}/token",service="standin"'
+        proxy = start_proxy(one_upstream(standin))
+
+        skopeo.copy(f"docker://{proxy.host}/test.local/app:v1", f"dir:{tmp_path / 'copy'}")
+
+        assert_same_image(skopeo.read_dir_copy(tmp_path / "copy"), image)
+
+
 @pytest.mark.parametrize(
     ("method", "path", "status", "code"),
     [

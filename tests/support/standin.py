@@ -48,6 +48,8 @@ class StandIn:
         """A base URL that blob GETs are redirected to (same path)."""
         self.token_redirect: str | None = None
         """A base URL that token requests are redirected to (same path and query)."""
+        self.compressing = False
+        """Compress every answer a client accepts compressed, as CDNs and token services do."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
@@ -122,7 +124,10 @@ class StandIn:
                 status=401,
                 headers={"WWW-Authenticate": self.challenge},
             )
-        return await handler(request)
+        response = await handler(request)
+        if self.compressing:
+            response.enable_compression()
+        return response
 
     async def _start(self) -> None:
         app = web.Application(middlewares=[self._count])
