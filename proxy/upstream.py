@@ -15,6 +15,7 @@ import logging
 import re
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from .errors import (
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
+from .flight import SingleFlight
 from .metrics import Metrics
 from .reachability import Reachability
 from .settings import UpstreamSettings, host_allowed, receives_credentials
@@ -48,6 +50,8 @@ _USER_AGENT: Final = "registry-cache/0.1"
 _CHALLENGE_PARAM: Final = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
 # A token is reused until this many seconds before it expires.
 _TOKEN_MARGIN: Final = 10.0
+# Tokens kept per upstream: one per repository pulled lately.
+_TOKENS_KEPT: Final = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,39 @@ class RateLimit:
 class _Token:
     value: str
     expires_at: float
+
+
+class TokenCache:
+    """Tokens by scope, the least recently used and the expired dropped first: a token is
+    fetched per repository, so keeping them all would grow with every name clients try."""
+
+    def __init__(self, limit: int = _TOKENS_KEPT) -> None:
+        self._limit = limit
+        self._by_scope: OrderedDict[str, _Token] = OrderedDict()
+
+    def get(self, scope: str) -> _Token | None:
+        """The token for `scope` if it is still good."""
+        token = self._by_scope.get(scope)
+        if token is None:
+            return None
+        if token.expires_at <= time.monotonic():
+            del self._by_scope[scope]
+            return None
+        self._by_scope.move_to_end(scope)
+        return token
+
+    def put(self, scope: str, token: _Token) -> None:
+        self._by_scope[scope] = token
+        self._by_scope.move_to_end(scope)
+        if len(self._by_scope) > self._limit:
+            now = time.monotonic()
+            for expired in [s for s, t in self._by_scope.items() if t.expires_at <= now]:
+                del self._by_scope[expired]
+            while len(self._by_scope) > self._limit:
+                self._by_scope.popitem(last=False)
+
+    def discard(self, scope: str) -> None:
+        self._by_scope.pop(scope, None)
 
 
 def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -140,8 +177,8 @@ class UpstreamClient:
             read_bufsize=1024 * 1024,
             headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
         )
-        self._tokens: dict[str, _Token] = {}
-        self._token_locks: dict[str, asyncio.Lock] = {}
+        self._tokens = TokenCache()
+        self._token_fetches: SingleFlight[str, _Token] = SingleFlight()
         self._basic = False
         self.rate_limit: RateLimit | None = None
         self.reachability = Reachability()
@@ -274,7 +311,7 @@ class UpstreamClient:
             self._basic = True
         elif scheme == "bearer" and "realm" in params:
             # The token we sent (if any) was refused, perhaps expired early: never reuse it.
-            self._tokens.pop(params.get("scope") or scope, None)
+            self._tokens.discard(params.get("scope") or scope)
             await self._refresh_token(params, params.get("scope") or scope)
         else:
             raise UpstreamUnauthorized(401, f"{self.settings.name} requires credentials we lack")
@@ -286,7 +323,7 @@ class UpstreamClient:
         if not receives_credentials(url.scheme, url.host or "", self.settings):
             return None
         token = self._tokens.get(scope)
-        if token is not None and token.expires_at > time.monotonic():
+        if token is not None:
             return f"Bearer {token.value}"
         if self._basic and self.settings.username and self.settings.password:
             return _basic(self.settings.username, self.settings.password)
@@ -348,13 +385,10 @@ class UpstreamClient:
         return response
 
     async def _refresh_token(self, challenge: Mapping[str, str], scope: str) -> None:
-        """Fetch a token for `scope` from the challenge's realm, once per scope at a time."""
-        lock = self._token_locks.setdefault(scope, asyncio.Lock())
-        async with lock:
-            token = self._tokens.get(scope)
-            if token is not None and token.expires_at > time.monotonic():
-                return
-            self._tokens[scope] = await self._fetch_token(challenge, scope)
+        """Fetch a token for `scope` from the challenge's realm: one fetch for all the requests
+        that need it at once."""
+        token = await self._token_fetches.do(scope, lambda: self._fetch_token(challenge, scope))
+        self._tokens.put(scope, token)
 
     async def _fetch_token(self, challenge: Mapping[str, str], scope: str) -> _Token:
         realm = URL(challenge["realm"])
