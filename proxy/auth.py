@@ -190,8 +190,12 @@ class Authenticator:
 
     def __init__(self, settings: AuthSettings) -> None:
         self.settings = settings
+        # A file that turns unreadable or invalid lets nobody in: it may be how users went.
         self._users = WatchedFiles(
-            [settings.htpasswd], lambda: read_htpasswd(settings.htpasswd), "htpasswd file"
+            [settings.htpasswd],
+            lambda: read_htpasswd(settings.htpasswd),
+            "htpasswd file",
+            broken=Users({}),
         )
         self._secret = secrets.token_bytes(32)
         self._verified: dict[bytes, float] = {}

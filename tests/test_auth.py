@@ -185,10 +185,15 @@ def test_htpasswd_changes_apply_to_the_next_request(
     assert proxy.get("/v2/", basic("carol", "secret"))[0] == 200
     assert_refused(proxy, "/v2/", basic("alice", "wonderland"))
 
-    # A broken file is not taken: the last good users stay.
-    users.write_text("carol:$apr1$broken$entry\n")
+    # A file that cannot be used (or is gone) lets nobody in, not the last good users: the
+    # edit may have been removing one.
+    users.write_text(htpasswd_line("carol", "secret") + "\nbob:$apr1$broken$entry\n")
+    assert_refused(proxy, "/v2/", basic("carol", "secret"))
+    assert "htpasswd file changed but cannot be used, using none instead" in proxy.log()
+    write_users(users, {"carol": "secret"})
     assert proxy.get("/v2/", basic("carol", "secret"))[0] == 200
-    assert "cannot be used, keeping the previous one" in proxy.log()
+    users.unlink()
+    assert_refused(proxy, "/v2/", basic("carol", "secret"))
 
 
 def _status_from(proxy: Proxy, source: str, headers: dict[str, str]) -> tuple[int, str | None]:
