@@ -264,8 +264,8 @@ class Authenticator:
 
 
 def require_user(authenticator: Authenticator) -> Callable[[Handler], Handler]:
-    """A route wrapper that asks for credentials (the probes, and /metrics unless
-    `auth.protect_metrics`, are registered without it)."""
+    """A route wrapper that asks for credentials (the probes, and /metrics with
+    `auth.protect_metrics: false`, are registered without it)."""
 
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)

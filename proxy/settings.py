@@ -133,7 +133,9 @@ class AuthSettings:
 
     htpasswd: Path
     realm: str = "registry-cache"
-    protect_metrics: bool = False
+    # Client auth covers every endpoint but the probes; false opens /metrics to a scraper
+    # without credentials.
+    protect_metrics: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,9 +404,7 @@ class _Loader:
         realm = require_string(realm or "registry-cache", realm_key)
         if not re.fullmatch(r"[\x20-\x7e]+", realm) or '"' in realm or "\\" in realm:
             raise ConfigError(f"{realm_key}: printable ASCII without quotes, got {realm!r}")
-        protect_metrics = require_bool(
-            section.get("protect_metrics", False), "auth.protect_metrics"
-        )
+        protect_metrics = require_bool(section.get("protect_metrics", True), "auth.protect_metrics")
         return AuthSettings(Path(require_string(path, path_key)), realm, protect_metrics)
 
     def _http(self) -> dict[str, Any]:

@@ -72,6 +72,7 @@ def test_htpasswd_users_pull_and_nobody_else(
         manifest,
         f"/v2/test.local/team/app/blobs/{image.layers[0]}",
         "/status.json",
+        "/metrics",
         "/no/such/route",
     ):
         assert_refused(proxy, path)
@@ -81,9 +82,10 @@ def test_htpasswd_users_pull_and_nobody_else(
     assert_refused(proxy, manifest, {"Authorization": "Bearer alice"})
     assert upstream.requests() == [], "nothing unauthenticated reaches the upstream"
 
-    for path in ("/healthz", "/readyz", "/metrics"):
+    for path in ("/healthz", "/readyz"):
         assert proxy.get(path)[0] == 200, path
     assert proxy.get("/v2/", basic("bob", "builder"))[0] == 200
+    assert proxy.get("/metrics", basic("bob", "builder"))[0] == 200
 
     ref = f"docker://{proxy.host}/test.local/team/app:v1"
     anonymous = skopeo.copy(ref, f"dir:{tmp_path / 'anon'}", check=False, timeout=60)
@@ -254,12 +256,11 @@ async def test_concurrent_guesses_get_no_more_bcrypt_checks_than_sequential_ones
     assert len(checked_on) <= 2 and all(name.startswith("bcrypt") for name in checked_on)
 
 
-def test_metrics_can_be_put_behind_auth(
+def test_metrics_can_be_opened_to_a_scraper_without_credentials(
     tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
     users = write_users(tmp_path / "htpasswd", {"alice": "wonderland"})
-    proxy = start_proxy({**one_upstream(upstream), **auth_config(users, protect_metrics=True)})
-    assert_refused(proxy, "/metrics")
-    status, _, body = proxy.get("/metrics", basic("alice", "wonderland"))
+    proxy = start_proxy({**one_upstream(upstream), **auth_config(users, protect_metrics=False)})
+    status, _, body = proxy.get("/metrics")
     assert status == 200 and b"registry_cache_" in body
-    assert proxy.get("/healthz")[0] == 200
+    assert_refused(proxy, "/v2/")
