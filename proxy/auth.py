@@ -1,10 +1,14 @@
 """Client auth: HTTP Basic against an htpasswd file of bcrypt entries, as distribution does.
 
-bcrypt is slow on purpose, so a check runs in a thread and a verified user/password pair is
-remembered for a short while (a pull is dozens of requests with the same credentials). The
-answer to wrong credentials never tells whether the user exists: an unknown user costs a
-bcrypt check like a known one and gets the same 401. An address that keeps failing is made to
-wait, longer each time, before its next attempt is even checked.
+bcrypt is slow on purpose, so a check runs in a thread of its own small pool (a flood of
+logins must not take the threads blob I/O uses) and a verified user/password pair is
+remembered for a while (a pull is dozens of requests with the same credentials). The answer to
+wrong credentials never tells whether the user exists: an unknown user costs a bcrypt check
+like a known one and gets the same 401. An address that keeps failing is made to wait, longer
+each time, before its next attempt is even checked; attempts still being checked count, so
+that concurrent guesses get no more checks than sequential ones. A pair verified before still
+passes while its address waits: one client guessing must not lock out the others behind the
+same address.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import functools
 import hmac
 import logging
@@ -42,9 +47,12 @@ AUTH_USER: Final = "auth_user"
 
 _KEY: Final = "auth.htpasswd.path (REGISTRY_AUTH_HTPASSWD_PATH)"
 _BCRYPT_PREFIXES: Final = (b"$2a$", b"$2b$", b"$2y$")
-# How long a verified user/password pair is trusted without running bcrypt again.
-_VERIFIED_TTL: Final = 60.0
+# How long a verified user/password pair is trusted without running bcrypt again, and let
+# through while its address is slowed down (the throttle's memory, at least).
+_VERIFIED_TTL: Final = 900.0
 _VERIFIED_MAX: Final = 4096
+# bcrypt checks at a time: each takes a core for a quarter of a second.
+_BCRYPT_THREADS: Final = 2
 # Failures an address may make before it must wait; the wait doubles with each further one.
 _FREE_FAILURES: Final = 5
 _FIRST_WAIT: Final = 1.0
@@ -123,8 +131,11 @@ def _checkpw(password: str, hashed: bytes) -> bool:
 
 
 @dataclass(slots=True)
-class _Failures:
-    count: int
+class _Attempts:
+    """An address's failures (forgotten `_FORGET_AFTER` after the last) and checks under way."""
+
+    failed: int
+    checking: int
     last: float
     blocked_until: float
 
@@ -133,32 +144,43 @@ class Throttle:
     """Failed attempts per client address, and how long each must wait before the next."""
 
     def __init__(self) -> None:
-        self._by_address: dict[str, _Failures] = {}
+        self._by_address: dict[str, _Attempts] = {}
 
-    def wait(self, address: str) -> float:
-        """Seconds before `address` may try again; 0 when it may now."""
-        record = self._by_address.get(address)
-        return 0.0 if record is None else max(record.blocked_until - time.monotonic(), 0.0)
-
-    def failed(self, address: str) -> None:
+    def admit(self, address: str) -> float:
+        """Seconds before `address` may try again; 0 when it may now, and then the attempt
+        counts as checking until `settle`. Attempts being checked count as failures here:
+        they may be."""
         now = time.monotonic()
         record = self._by_address.get(address)
-        if record is None or now - record.last > _FORGET_AFTER:
+        if record is None or (now - record.last > _FORGET_AFTER and not record.checking):
             if len(self._by_address) >= _MAX_TRACKED:
                 self._forget_old(now)
-            record = self._by_address[address] = _Failures(0, now, now)
-        record.count += 1
+            record = self._by_address[address] = _Attempts(0, 0, now, now)
+        if record.blocked_until > now:
+            return record.blocked_until - now
+        if record.checking and record.failed + record.checking >= _FREE_FAILURES:
+            return _FIRST_WAIT
+        record.checking += 1
+        return 0.0
+
+    def settle(self, address: str, *, failed: bool) -> None:
+        """The outcome of an attempt `admit` let through."""
+        record = self._by_address[address]
+        record.checking -= 1
+        if not failed:
+            return
+        now = time.monotonic()
+        record.failed += 1
         record.last = now
-        beyond = record.count - _FREE_FAILURES
+        beyond = record.failed - _FREE_FAILURES
         if beyond >= 0:
             record.blocked_until = now + min(_FIRST_WAIT * 2**beyond, _MAX_WAIT)
-            log.warning("%d failed logins from %s: slowed down", record.count, address)
-
-    def succeeded(self, address: str) -> None:
-        self._by_address.pop(address, None)
+            log.warning("%d failed logins from %s: slowed down", record.failed, address)
 
     def _forget_old(self, now: float) -> None:
         for address, record in list(self._by_address.items()):
+            if record.checking:
+                continue
             if now - record.last > _FORGET_AFTER or len(self._by_address) >= _MAX_TRACKED:
                 del self._by_address[address]
 
@@ -168,12 +190,19 @@ class Authenticator:
 
     def __init__(self, settings: AuthSettings) -> None:
         self.settings = settings
+        # A file that turns unreadable or invalid lets nobody in: it may be how users went.
         self._users = WatchedFiles(
-            [settings.htpasswd], lambda: read_htpasswd(settings.htpasswd), "htpasswd file"
+            [settings.htpasswd],
+            lambda: read_htpasswd(settings.htpasswd),
+            "htpasswd file",
+            broken=Users({}),
         )
         self._secret = secrets.token_bytes(32)
         self._verified: dict[bytes, float] = {}
         self._checks: SingleFlight[bytes, bool] = SingleFlight()
+        self._bcrypt = concurrent.futures.ThreadPoolExecutor(
+            _BCRYPT_THREADS, thread_name_prefix="bcrypt"
+        )
         self.throttle = Throttle()
 
     def _challenge(self, detail: str | None = None) -> RegistryError:
@@ -185,38 +214,47 @@ class Authenticator:
 
     async def authenticate(self, header: str | None, address: str) -> str:
         """The user the request is from; raises the 401 (or 429) the client must see."""
-        if header is None:
-            raise self._challenge()
-        wait = self.throttle.wait(address)
+        credentials = None if header is None else _parse_basic(header)
+        if credentials is None:
+            # Nothing to check, so nothing guessed: no bcrypt, no count.
+            raise self._challenge(None if header is None else "invalid username or password")
+        user, password = credentials
+        hashed = self._users.current().hashes.get(user)
+        # The key binds the stored hash too: a changed or removed entry is a miss.
+        key = hmac.digest(
+            self._secret, b"\0".join([user.encode(), password.encode(), hashed or b""]), "sha256"
+        )
+        if hashed is not None and self._verified.get(key, 0.0) > time.monotonic():
+            return user
+        wait = self.throttle.admit(address)
         if wait > 0:
             raise RegistryError(
                 errors.TOOMANYREQUESTS,
                 "too many failed logins from this address",
                 headers={"Retry-After": str(math.ceil(wait))},
             )
-        credentials = _parse_basic(header)
-        if credentials is not None and await self._valid(*credentials):
-            self.throttle.succeeded(address)
-            return credentials[0]
-        self.throttle.failed(address)
-        raise self._challenge("invalid username or password")
+        valid = False
+        try:
+            valid = await self._check(key, password, hashed)
+        finally:
+            self.throttle.settle(address, failed=not valid)
+        if not valid:
+            raise self._challenge("invalid username or password")
+        return user
 
-    async def _valid(self, user: str, password: str) -> bool:
-        users = self._users.current()
-        hashed = users.hashes.get(user)
-        # The key binds the stored hash too: a changed or removed entry is a miss.
-        key = hmac.digest(
-            self._secret, b"\0".join([user.encode(), password.encode(), hashed or b""]), "sha256"
-        )
-        now = time.monotonic()
-        if self._verified.get(key, 0.0) > now:
-            return True
-        against = hashed or users.decoy
+    async def _check(self, key: bytes, password: str, hashed: bytes | None) -> bool:
+        """bcrypt's verdict on the pair `key` stands for, remembered when it is a yes; an
+        unknown user is checked against another user's hash, to take as long."""
+        against = hashed or self._users.current().decoy
         if against is None:
             return False
-        valid = await self._checks.do(key, lambda: asyncio.to_thread(_checkpw, password, against))
+        loop = asyncio.get_running_loop()
+        valid = await self._checks.do(
+            key, lambda: loop.run_in_executor(self._bcrypt, _checkpw, password, against)
+        )
         if not (valid and hashed is not None):
             return False
+        now = time.monotonic()
         if len(self._verified) >= _VERIFIED_MAX:
             self._verified = {k: t for k, t in self._verified.items() if t > now}
             if len(self._verified) >= _VERIFIED_MAX:
@@ -226,8 +264,8 @@ class Authenticator:
 
 
 def require_user(authenticator: Authenticator) -> Callable[[Handler], Handler]:
-    """A route wrapper that asks for credentials (the probes, and /metrics unless
-    `auth.protect_metrics`, are registered without it)."""
+    """A route wrapper that asks for credentials (the probes, and /metrics with
+    `auth.protect_metrics: false`, are registered without it)."""
 
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)

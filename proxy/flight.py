@@ -22,6 +22,7 @@ from typing import BinaryIO, Final, Generic, TypeVar
 
 from .errors import BlobVerificationError
 from .reference import Digest
+from .store import FILE_MODE
 
 __all__ = ["CHUNK_SIZE", "BlobDownload", "SingleFlight"]
 
@@ -66,7 +67,7 @@ class BlobDownload:
         self.size: int | None = None
         self.written = 0
         flags = os.O_RDWR | os.O_CREAT | (0 if resume else os.O_EXCL)
-        self._fd = os.open(temp_path, flags, 0o644)
+        self._fd = os.open(temp_path, flags, FILE_MODE)
         self._hasher = digest.hasher()
         self._users = 1  # the writer
         self.readers = 0

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeVar
 
+from .store import FILE_MODE
+
 __all__ = [
     "DATABASE_FILE",
     "Candidate",
@@ -225,6 +227,9 @@ class Metadata:
 
     async def open(self) -> None:
         def connect() -> sqlite3.Connection:
+            # Created before SQLite would create it world-readable; its -wal and -shm files
+            # take its mode.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE))
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")

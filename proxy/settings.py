@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import json
 import logging
 import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import humanfriendly
 import yaml
@@ -31,12 +31,12 @@ __all__ = [
     "Settings",
     "TlsSettings",
     "UpstreamSettings",
-    "allowed_domains",
     "format_bytes",
     "host_allowed",
     "load_settings",
     "parse_duration",
     "parse_size",
+    "receives_credentials",
     "registry_upstream",
     "require_bool",
     "require_string",
@@ -66,18 +66,25 @@ _PUBLIC_REGISTRIES: Final[Mapping[str, str]] = {
     "registry.access.redhat.com": "https://registry.access.redhat.com",
 }
 
-# Hosts outside an upstream's own registrable domain that it is known to send us to for
-# tokens or blob storage. Nothing else is ever contacted on an upstream's behalf.
+# Domains (with their subdomains) besides an upstream's own host that it is known to send us
+# to for tokens or blob storage. Nothing else is ever contacted on an upstream's behalf.
 _KNOWN_EXTRA_HOSTS: Final[Mapping[str, tuple[str, ...]]] = {
-    DOCKER_HUB: ("docker.com",),
+    DOCKER_HUB: ("docker.io", "docker.com"),
     "quay.io": ("quay.io", "amazonaws.com", "cloudfront.net"),
-    "ghcr.io": ("githubusercontent.com", "github.com"),
-    "gcr.io": ("googleapis.com", "pkg.dev"),
-    "registry.k8s.io": ("pkg.dev", "googleapis.com", "amazonaws.com"),
-    "public.ecr.aws": ("amazonaws.com", "cloudfront.net"),
+    "ghcr.io": ("ghcr.io", "githubusercontent.com", "github.com"),
+    "gcr.io": ("gcr.io", "googleapis.com", "pkg.dev"),
+    "registry.k8s.io": ("k8s.io", "pkg.dev", "googleapis.com", "amazonaws.com"),
+    "public.ecr.aws": ("ecr.aws", "amazonaws.com", "cloudfront.net"),
     "mcr.microsoft.com": ("azureedge.net", "microsoft.com", "azurefd.net"),
-    "registry.redhat.io": ("redhat.com", "akamaized.net"),
+    "registry.redhat.io": ("redhat.io", "redhat.com", "akamaized.net"),
     "registry.access.redhat.com": ("redhat.com", "akamaized.net"),
+}
+
+# Token services on another host than the registry's API: the only hosts besides it that get
+# an upstream's credentials.
+_KNOWN_AUTH_HOSTS: Final[Mapping[str, tuple[str, ...]]] = {
+    DOCKER_HUB: ("auth.docker.io",),
+    "registry.redhat.io": ("sso.redhat.com",),
 }
 
 # Docker's own config files name Docker Hub in several ways.
@@ -112,11 +119,13 @@ class UpstreamSettings:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     manifest_ttl: float = 300.0
-    # Registrable domains besides the upstream's own that may receive requests on its behalf
-    # (token realms, blob redirects); never with the upstream's credentials.
+    # Domains besides the upstream's own host that may receive requests on its behalf (token
+    # realms, blob redirects); never with the upstream's credentials.
     extra_hosts: tuple[str, ...] = ()
     # Logins scoped to repository paths, the most specific first; they win over the above.
     repository_logins: tuple[RepositoryLogin, ...] = ()
+    # Hosts of its token service besides its own host: the only others that get credentials.
+    auth_hosts: tuple[str, ...] = ()
 
     @property
     def has_credentials(self) -> bool:
@@ -162,7 +171,9 @@ class AuthSettings:
 
     htpasswd: Path
     realm: str = "registry-cache"
-    protect_metrics: bool = False
+    # Client auth covers every endpoint but the probes; false opens /metrics to a scraper
+    # without credentials.
+    protect_metrics: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,15 +299,6 @@ def _split_address(text: str, key: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{key}: expected HOST:PORT such as 0.0.0.0:8443, got {text!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def _registrable_domain(host: str) -> str:
-    """The last two labels of a host name: enough to tell auth.docker.io is docker.io's."""
-    host = host.split(":")[0]
-    labels = host.split(".")
-    if host.replace(".", "").isdigit() or len(labels) <= 2:
-        return host
-    return ".".join(labels[-2:])
 
 
 class _Loader:
@@ -443,9 +445,7 @@ class _Loader:
         realm = require_string(realm or "registry-cache", realm_key)
         if not re.fullmatch(r"[\x20-\x7e]+", realm) or '"' in realm or "\\" in realm:
             raise ConfigError(f"{realm_key}: printable ASCII without quotes, got {realm!r}")
-        protect_metrics = require_bool(
-            section.get("protect_metrics", False), "auth.protect_metrics"
-        )
+        protect_metrics = require_bool(section.get("protect_metrics", True), "auth.protect_metrics")
         return AuthSettings(Path(require_string(path, path_key)), realm, protect_metrics)
 
     def _http(self) -> dict[str, Any]:
@@ -525,7 +525,7 @@ class _Loader:
         listed = self.raw.get("upstreams")
         if listed is None:
             for name, url in _PUBLIC_REGISTRIES.items():
-                upstreams[name] = _make_upstream(name, url, None, None, manifest_ttl, ())
+                upstreams[name] = _make_upstream(name, url, None, None, manifest_ttl)
         else:
             if not isinstance(listed, list):
                 raise ConfigError("upstreams: expected a list of {name, url, ...} entries")
@@ -538,19 +538,13 @@ class _Loader:
         if secret is not None:
             logins = _read_pull_secret(Path(require_string(secret, secret_key)))
             for name, host_login, scoped in _logins_by_host(logins):
-                known = upstreams.get(name) or _make_upstream(
-                    name,
-                    _PUBLIC_REGISTRIES.get(name, f"https://{name}"),
-                    None,
-                    None,
-                    manifest_ttl,
-                    (),
-                )
+                url = _PUBLIC_REGISTRIES.get(name, f"https://{name}")
+                known = upstreams.get(name) or _make_upstream(name, url, None, None, manifest_ttl)
                 if host_login is not None:
-                    known = dataclasses.replace(
+                    known = replace(
                         known, username=host_login.username, password=host_login.password
                     )
-                upstreams[name] = dataclasses.replace(known, repository_logins=scoped)
+                upstreams[name] = replace(known, repository_logins=scoped)
         for name in self._ignored():
             upstreams.pop(name, None)
         return upstreams
@@ -559,7 +553,7 @@ class _Loader:
         section = _mapping(entry, key)
         _reject_unknown(
             section,
-            {"name", "url", "username", "password", "manifest_ttl", "extra_hosts"},
+            {"name", "url", "username", "password", "manifest_ttl", "extra_hosts", "auth_hosts"},
             key,
         )
         name = registry_name(require_string(section.get("name"), f"{key}.name"), f"{key}.name")
@@ -571,17 +565,23 @@ class _Loader:
         password = section.get("password")
         if (username is None) != (password is None):
             raise ConfigError(f"{key}: username and password go together")
-        extra = section.get("extra_hosts", [])
-        if not isinstance(extra, list):
-            raise ConfigError(f"{key}.extra_hosts: expected a list of domains")
         return _make_upstream(
             name,
             url,
             None if username is None else require_string(username, f"{key}.username"),
             None if password is None else require_string(password, f"{key}.password"),
             parse_duration(section.get("manifest_ttl", manifest_ttl), f"{key}.manifest_ttl"),
-            tuple(require_string(item, f"{key}.extra_hosts[]") for item in extra),
+            _hosts(section, "extra_hosts", key),
+            _hosts(section, "auth_hosts", key),
         )
+
+
+def _hosts(section: Mapping[str, Any], name: str, key: str) -> tuple[str, ...]:
+    """`extra_hosts` or `auth_hosts`, in the form hosts are compared in."""
+    listed = section.get(name, [])
+    if not isinstance(listed, list):
+        raise ConfigError(f"{key}.{name}: expected a list of host names")
+    return tuple(_host_name(require_string(item, f"{key}.{name}[]")) for item in listed)
 
 
 def _make_upstream(
@@ -590,7 +590,8 @@ def _make_upstream(
     username: str | None,
     password: str | None,
     manifest_ttl: float,
-    extra_hosts: tuple[str, ...],
+    extra_hosts: tuple[str, ...] = (),
+    auth_hosts: tuple[str, ...] = (),
 ) -> UpstreamSettings:
     return UpstreamSettings(
         name=name,
@@ -599,6 +600,7 @@ def _make_upstream(
         password=password,
         manifest_ttl=manifest_ttl,
         extra_hosts=extra_hosts or _KNOWN_EXTRA_HOSTS.get(name, ()),
+        auth_hosts=auth_hosts or _KNOWN_AUTH_HOSTS.get(name, ()),
     )
 
 
@@ -608,7 +610,7 @@ def registry_upstream(
     """Settings for a registry that is not one of the cache's upstreams (a sync `creds` entry):
     the well-known registries get their real API host and extra domains."""
     return _make_upstream(
-        name, url or _PUBLIC_REGISTRIES.get(name, f"https://{name}"), username, password, 300.0, ()
+        name, url or _PUBLIC_REGISTRIES.get(name, f"https://{name}"), username, password, 300.0
     )
 
 
@@ -701,15 +703,31 @@ def _logins_by_host(
     return grouped
 
 
-def allowed_domains(upstream: UpstreamSettings) -> frozenset[str]:
-    """The registrable domains that may receive requests on this upstream's behalf."""
-    own = _registrable_domain(upstream.url.split("://", 1)[1].split("/", 1)[0])
-    return frozenset({own, *upstream.extra_hosts})
+def _host_name(host: str) -> str:
+    """A host name as URLs carry it, compared as DNS does: any case, trailing dot or not."""
+    return host.lower().rstrip(".")
+
+
+def _api_host(upstream: UpstreamSettings) -> str:
+    """The host of the upstream's URL, whatever userinfo, port or IPv6 brackets it has."""
+    return _host_name(urlsplit(upstream.url).hostname or "")
+
+
+def receives_credentials(scheme: str, host: str, upstream: UpstreamSettings) -> bool:
+    """Whether the upstream's credentials may go to `scheme://host`: only to its API host or
+    one of its token services, and over TLS unless the upstream itself is plain HTTP."""
+    if scheme != "https" and urlsplit(upstream.url).scheme == "https":
+        return False
+    host = _host_name(host)
+    return host == _api_host(upstream) or host in upstream.auth_hosts
 
 
 def host_allowed(host: str, upstream: UpstreamSettings) -> bool:
-    """Whether a token realm or redirect target host belongs to the upstream's domains."""
-    host = host.lower().rstrip(".")
-    return any(
-        host == domain or host.endswith("." + domain) for domain in allowed_domains(upstream)
+    """Whether a token realm, redirect or upload target host is one of the upstream's: its API
+    host and token services exactly, or within one of its extra domains."""
+    host = _host_name(host)
+    return (
+        host == _api_host(upstream)
+        or host in upstream.auth_hosts
+        or any(host == domain or host.endswith("." + domain) for domain in upstream.extra_hosts)
     )

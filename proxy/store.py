@@ -2,7 +2,8 @@
 
 Manifests and blobs share the store (both are addressed by digest). A file is created in
 `tmp/` and renamed into place after its digest was verified, so a file under `blobs/` is
-always complete and correct. Paths are built from validated `Digest`s only.
+always complete and correct. Paths are built from validated `Digest`s only. What the cache
+holds may come from private repositories: its files and folders are for its own user only.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from .errors import RegistryError
 from .memo import BytesLRU
 from .reference import Digest
 
-__all__ = ["BlobStore", "Parked"]
+__all__ = ["FILE_MODE", "BlobStore", "Parked"]
+
+FILE_MODE: Final = 0o600
+_FOLDER_MODE: Final = 0o700
 
 # Memory for the small files read again and again (manifests): enough for thousands of them.
 _READ_CACHE_BYTES = 16 * 1024 * 1024
@@ -33,6 +38,22 @@ class Parked:
     size: int
 
 
+def _make_folders(folder: Path) -> None:
+    """`mkdir -p` that makes every folder it creates private (`Path.mkdir` gives the parents
+    it creates the default mode)."""
+    try:
+        folder.mkdir(_FOLDER_MODE)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        _make_folders(folder.parent)
+        folder.mkdir(_FOLDER_MODE, exist_ok=True)
+
+
+def _create_private(path: str, flags: int) -> int:
+    return os.open(path, flags, FILE_MODE)
+
+
 class BlobStore:
     """Local files, addressed by digest. All methods are synchronous and cheap, or say so."""
 
@@ -42,7 +63,7 @@ class BlobStore:
         self.tmp = self.root / "tmp"
         self.partial = self.root / "partial"
         for folder in (self.blobs, self.tmp, self.partial):
-            folder.mkdir(parents=True, exist_ok=True)
+            _make_folders(folder)
         self._recent = BytesLRU(_READ_CACHE_BYTES)
 
     def path(self, digest: Digest) -> Path:
@@ -87,7 +108,7 @@ class BlobStore:
     def commit(self, temp: Path, digest: Digest) -> None:
         """Move a verified temporary file into place, atomically."""
         target = self.path(digest)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _make_folders(target.parent)
         os.replace(temp, target)
 
     def write(self, digest: Digest, data: bytes) -> None:
@@ -96,7 +117,7 @@ class BlobStore:
         otherwise hold the right number of zeros, which start-up's size check lets through."""
         temp = self.temp_path()
         try:
-            with open(temp, "wb") as file:
+            with open(temp, "xb", opener=_create_private) as file:
                 file.write(data)
                 file.flush()
                 os.fsync(file.fileno())

@@ -66,15 +66,26 @@ def load_context(tls: TlsSettings) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(_TLS12_CIPHERS)
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    where, key_path = (_KEY_KEY, tls.key) if tls.key else (_CERT_KEY, tls.cert)
+
+    def no_pass_phrase() -> bytes:
+        """Called for an encrypted key: without it, OpenSSL asks the terminal for the pass
+        phrase (or fails with a bare OSError when there is none)."""
+        raise ConfigError(
+            f"{where}: the private key in {key_path} is encrypted; give it without a pass "
+            "phrase (openssl pkey -in KEY -out PLAIN)"
+        )
+
     try:
-        context.load_cert_chain(tls.cert, tls.key)
+        context.load_cert_chain(tls.cert, tls.key, password=no_pass_phrase)
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc):
-            where = _KEY_KEY if tls.key else _CERT_KEY
             raise ConfigError(
                 f"{where}: the private key does not match the certificate in {tls.cert}"
             ) from None
         raise ConfigError(f"{_CERT_KEY}: cannot use {tls.cert}: {exc.reason}") from None
+    except OSError as exc:  # a file gone since it was read
+        raise ConfigError(f"{where}: cannot use {key_path}: {exc.strerror}") from None
     return context
 
 

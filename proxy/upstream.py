@@ -15,6 +15,7 @@ import logging
 import re
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,9 +34,10 @@ from .errors import (
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
+from .flight import SingleFlight
 from .metrics import Metrics
 from .reachability import Reachability
-from .settings import UpstreamSettings, host_allowed
+from .settings import UpstreamSettings, host_allowed, receives_credentials
 
 __all__ = ["RateLimit", "UpstreamClient", "read_body"]
 
@@ -48,6 +50,8 @@ _USER_AGENT: Final = "registry-cache/0.1"
 _CHALLENGE_PARAM: Final = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
 # A token is reused until this many seconds before it expires.
 _TOKEN_MARGIN: Final = 10.0
+# Tokens kept per upstream: one per repository pulled lately.
+_TOKENS_KEPT: Final = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,39 @@ class RateLimit:
 class _Token:
     value: str
     expires_at: float
+
+
+class TokenCache:
+    """Tokens by scope, the least recently used and the expired dropped first: a token is
+    fetched per repository, so keeping them all would grow with every name clients try."""
+
+    def __init__(self, limit: int = _TOKENS_KEPT) -> None:
+        self._limit = limit
+        self._by_scope: OrderedDict[str, _Token] = OrderedDict()
+
+    def get(self, scope: str) -> _Token | None:
+        """The token for `scope` if it is still good."""
+        token = self._by_scope.get(scope)
+        if token is None:
+            return None
+        if token.expires_at <= time.monotonic():
+            del self._by_scope[scope]
+            return None
+        self._by_scope.move_to_end(scope)
+        return token
+
+    def put(self, scope: str, token: _Token) -> None:
+        self._by_scope[scope] = token
+        self._by_scope.move_to_end(scope)
+        if len(self._by_scope) > self._limit:
+            now = time.monotonic()
+            for expired in [s for s, t in self._by_scope.items() if t.expires_at <= now]:
+                del self._by_scope[expired]
+            while len(self._by_scope) > self._limit:
+                self._by_scope.popitem(last=False)
+
+    def discard(self, scope: str) -> None:
+        self._by_scope.pop(scope, None)
 
 
 def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -132,14 +169,16 @@ class UpstreamClient:
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=connect_timeout, sock_read=read_timeout
             ),
-            # Blobs are stored byte for byte; a transparent gunzip would corrupt them.
+            # Blobs are stored byte for byte; a transparent gunzip would corrupt them. So ask
+            # for the bytes themselves: aiohttp offers gzip and deflate by default, which token
+            # services and CDNs take up.
             auto_decompress=False,
             # Let a megabyte arrive while the last one is hashed, instead of pausing the socket.
             read_bufsize=1024 * 1024,
-            headers={"User-Agent": _USER_AGENT},
+            headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
         )
-        self._tokens: dict[str, _Token] = {}
-        self._token_locks: dict[str, asyncio.Lock] = {}
+        self._tokens = TokenCache()
+        self._token_fetches: SingleFlight[str, _Token] = SingleFlight()
         self._basic = False
         self.rate_limit: RateLimit | None = None
         self.reachability = Reachability()
@@ -265,7 +304,7 @@ class UpstreamClient:
         data: bytes | None = None,
     ) -> aiohttp.ClientResponse:
         """Send, and answer one 401 challenge with `login` (the repository's credentials)."""
-        authorization = self._authorization(scope, login)
+        authorization = self._authorization(url, scope, login)
         response = await self._send_following_redirects(method, url, headers, authorization, data)
         if response.status != 401:
             return response
@@ -276,16 +315,19 @@ class UpstreamClient:
             self._basic = True
         elif scheme == "bearer" and "realm" in params:
             # The token we sent (if any) was refused, perhaps expired early: never reuse it.
-            self._tokens.pop(params.get("scope") or scope, None)
+            self._tokens.discard(params.get("scope") or scope)
             await self._refresh_token(params, params.get("scope") or scope, login)
         else:
             raise UpstreamUnauthorized(401, f"{self.settings.name} requires credentials we lack")
-        authorization = self._authorization(params.get("scope") or scope, login)
+        authorization = self._authorization(url, params.get("scope") or scope, login)
         return await self._send_following_redirects(method, url, headers, authorization, data)
 
-    def _authorization(self, scope: str, login: tuple[str, str] | None) -> str | None:
+    def _authorization(self, url: URL, scope: str, login: tuple[str, str] | None) -> str | None:
+        """The token or credentials for `url`; none for an upload `Location` on another host."""
+        if not receives_credentials(url.scheme, url.host or "", self.settings):
+            return None
         token = self._tokens.get(scope)
-        if token is not None and token.expires_at > time.monotonic():
+        if token is not None:
             return f"Bearer {token.value}"
         if self._basic and login is not None:
             return _basic(*login)
@@ -349,13 +391,12 @@ class UpstreamClient:
     async def _refresh_token(
         self, challenge: Mapping[str, str], scope: str, login: tuple[str, str] | None
     ) -> None:
-        """Fetch a token for `scope` from the challenge's realm, once per scope at a time."""
-        lock = self._token_locks.setdefault(scope, asyncio.Lock())
-        async with lock:
-            token = self._tokens.get(scope)
-            if token is not None and token.expires_at > time.monotonic():
-                return
-            self._tokens[scope] = await self._fetch_token(challenge, scope, login)
+        """Fetch a token for `scope` from the challenge's realm: one fetch for all the requests
+        that need it at once (the scope names the repository, and so its login)."""
+        token = await self._token_fetches.do(
+            scope, lambda: self._fetch_token(challenge, scope, login)
+        )
+        self._tokens.put(scope, token)
 
     async def _fetch_token(
         self, challenge: Mapping[str, str], scope: str, login: tuple[str, str] | None
@@ -372,15 +413,20 @@ class UpstreamClient:
         query = {"scope": scope}
         if "service" in challenge:
             query["service"] = challenge["service"]
-        headers = {}
-        # Credentials go over TLS, or to the upstream's own host (a plain-HTTP test or intranet
-        # registry); never in clear text to anyone else.
-        secure = realm.scheme == "https" or realm.host == self.base.host
-        if login is not None and secure:
-            headers["Authorization"] = _basic(*login)
+        authorization = None
+        # A realm on another host (a CDN's, an extra domain's) is asked anonymously.
+        if login is not None and receives_credentials(
+            realm.scheme, realm.host or "", self.settings
+        ):
+            authorization = _basic(*login)
         started = time.monotonic()
         try:
-            async with self._session.get(realm.with_query(query), headers=headers) as response:
+            # Through the redirect loop: a token service may only send us to the upstream's
+            # hosts, and its credentials stay with the realm's origin.
+            response = await self._send_following_redirects(
+                "GET", realm.with_query(query), {}, authorization
+            )
+            try:
                 if response.status in (401, 403):
                     raise UpstreamUnauthorized(
                         response.status, f"{self.settings.name}'s token service refused us"
@@ -390,6 +436,8 @@ class UpstreamClient:
                         f"{self.settings.name}'s token service answered {response.status}"
                     )
                 document = await response.json(content_type=None)
+            finally:
+                response.release()
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise UpstreamUnavailable(
                 f"{self.settings.name}'s token service failed: {type(exc).__name__}"

@@ -4,7 +4,8 @@ The files are checked each time the value is used: a `stat` per file (microsecon
 bcrypt check or a TLS handshake), no background task, and a rotation is picked up by the very
 next request or handshake. A changed file that cannot be used (half written, a key that does
 not match yet) leaves the last good value in place, so a rotation in several steps never takes
-the service down.
+the service down; unless its owner names a value for that case instead (the htpasswd file:
+nobody, rather than the users an operator may have just removed).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def _signature(paths: Sequence[Path]) -> _Signature:
 class WatchedFiles(Generic[T]):
     """`load()`'s result, loaded again when one of `paths` changes.
 
-    The first load happens here and raises `ConfigError`, so a bad file stops start-up.
+    The first load happens here and raises `ConfigError`, so a bad file stops start-up. Later,
+    a file that cannot be used gives `broken` if set, else the last good value.
     """
 
     def __init__(
@@ -50,10 +52,13 @@ class WatchedFiles(Generic[T]):
         paths: Sequence[Path],
         load: Callable[[], T],
         what: str,
+        *,
+        broken: T | None = None,
     ) -> None:
         self._paths = tuple(paths)
         self._load = load
         self._what = what
+        self._broken = broken
         self._signature = _signature(self._paths)
         self._value = load()
 
@@ -68,8 +73,10 @@ class WatchedFiles(Generic[T]):
         try:
             self._value = self._load()
         except ConfigError as exc:
-            log.error(
-                "%s changed but cannot be used, keeping the previous one: %s", self._what, exc
-            )
+            if self._broken is None:
+                instead = "keeping the previous one"
+            else:
+                self._value, instead = self._broken, "using none instead"
+            log.error("%s changed but cannot be used, %s: %s", self._what, instead, exc)
         else:
             log.info("%s changed: reloaded", self._what)

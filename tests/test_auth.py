@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import json
 import os
+import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
 
-from tests.conftest import StartProxy, refused_start
+from proxy import auth
+from proxy.auth import Authenticator
+from proxy.errors import RegistryError
+from proxy.settings import AuthSettings
+from tests.conftest import USERS, StartProxy, refused_start
 from tests.support import skopeo
 from tests.support.certs import CertificateAuthority
 from tests.support.images import push, write_layout
@@ -64,6 +72,7 @@ def test_htpasswd_users_pull_and_nobody_else(
         manifest,
         f"/v2/test.local/team/app/blobs/{image.layers[0]}",
         "/status.json",
+        "/metrics",
         "/no/such/route",
     ):
         assert_refused(proxy, path)
@@ -73,9 +82,10 @@ def test_htpasswd_users_pull_and_nobody_else(
     assert_refused(proxy, manifest, {"Authorization": "Bearer alice"})
     assert upstream.requests() == [], "nothing unauthenticated reaches the upstream"
 
-    for path in ("/healthz", "/readyz", "/metrics"):
+    for path in ("/healthz", "/readyz"):
         assert proxy.get(path)[0] == 200, path
     assert proxy.get("/v2/", basic("bob", "builder"))[0] == 200
+    assert proxy.get("/metrics", basic("bob", "builder"))[0] == 200
 
     ref = f"docker://{proxy.host}/test.local/team/app:v1"
     anonymous = skopeo.copy(ref, f"dir:{tmp_path / 'anon'}", check=False, timeout=60)
@@ -177,10 +187,15 @@ def test_htpasswd_changes_apply_to_the_next_request(
     assert proxy.get("/v2/", basic("carol", "secret"))[0] == 200
     assert_refused(proxy, "/v2/", basic("alice", "wonderland"))
 
-    # A broken file is not taken: the last good users stay.
-    users.write_text("carol:$apr1$broken$entry\n")
+    # A file that cannot be used (or is gone) lets nobody in, not the last good users: the
+    # edit may have been removing one.
+    users.write_text(htpasswd_line("carol", "secret") + "\nbob:$apr1$broken$entry\n")
+    assert_refused(proxy, "/v2/", basic("carol", "secret"))
+    assert "htpasswd file changed but cannot be used, using none instead" in proxy.log()
+    write_users(users, {"carol": "secret"})
     assert proxy.get("/v2/", basic("carol", "secret"))[0] == 200
-    assert "cannot be used, keeping the previous one" in proxy.log()
+    users.unlink()
+    assert_refused(proxy, "/v2/", basic("carol", "secret"))
 
 
 def _status_from(proxy: Proxy, source: str, headers: dict[str, str]) -> tuple[int, str | None]:
@@ -199,26 +214,53 @@ def _status_from(proxy: Proxy, source: str, headers: dict[str, str]) -> tuple[in
 def test_repeated_failures_from_one_address_are_slowed_down(
     tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
-    users = write_users(tmp_path / "htpasswd", {"alice": "wonderland"})
+    users = write_users(tmp_path / "htpasswd", {"alice": "wonderland", "bob": "builder"})
     proxy = start_proxy({**one_upstream(upstream), **auth_config(users)})
-    right = basic("alice", "wonderland")
+    assert _status_from(proxy, "127.0.0.1", basic("alice", "wonderland")) == (200, None)
 
     for attempt in range(5):
         assert _status_from(proxy, "127.0.0.1", basic("alice", f"guess{attempt}"))[0] == 401
-    # Now even the right password is not checked: guessing goes no faster than the wait.
-    status, retry_after = _status_from(proxy, "127.0.0.1", right)
+    # Now a pair not verified before is not even checked, even the right one: guessing goes
+    # no faster than the wait.
+    status, retry_after = _status_from(proxy, "127.0.0.1", basic("bob", "builder"))
     assert status == 429 and retry_after is not None and int(retry_after) >= 1
-    assert _status_from(proxy, "127.0.0.2", right) == (200, None), "other clients are unaffected"
+    # One that was still passes: a client guessing does not lock out the others behind the
+    # same address.
+    assert _status_from(proxy, "127.0.0.1", basic("alice", "wonderland")) == (200, None)
+    assert _status_from(proxy, "127.0.0.2", basic("bob", "builder")) == (200, None)
     assert _status_from(proxy, "127.0.0.3", {})[0] == 401
     assert "slowed down" in proxy.log()
 
 
-def test_metrics_can_be_put_behind_auth(
+async def test_concurrent_guesses_get_no_more_bcrypt_checks_than_sequential_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    authenticator = Authenticator(AuthSettings(write_users(tmp_path / "htpasswd", USERS)))
+    checked_on: set[str] = set()
+
+    def checkpw(password: str, hashed: bytes) -> bool:
+        checked_on.add(threading.current_thread().name)
+        return bcrypt.checkpw(password.encode(), hashed)
+
+    monkeypatch.setattr(auth, "_checkpw", checkpw)
+    guesses = [basic("alice", f"guess{n}")["Authorization"] for n in range(60)]
+
+    outcomes = await asyncio.gather(
+        *(authenticator.authenticate(guess, "192.0.2.1") for guess in guesses),
+        return_exceptions=True,
+    )
+
+    statuses = Counter(outcome.status for outcome in outcomes if isinstance(outcome, RegistryError))
+    assert statuses == {401: 5, 429: 55}
+    # On threads of their own, so that a flood of logins cannot hold up blob I/O.
+    assert len(checked_on) <= 2 and all(name.startswith("bcrypt") for name in checked_on)
+
+
+def test_metrics_can_be_opened_to_a_scraper_without_credentials(
     tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
     users = write_users(tmp_path / "htpasswd", {"alice": "wonderland"})
-    proxy = start_proxy({**one_upstream(upstream), **auth_config(users, protect_metrics=True)})
-    assert_refused(proxy, "/metrics")
-    status, _, body = proxy.get("/metrics", basic("alice", "wonderland"))
+    proxy = start_proxy({**one_upstream(upstream), **auth_config(users, protect_metrics=False)})
+    status, _, body = proxy.get("/metrics")
     assert status == 200 and b"registry_cache_" in body
-    assert proxy.get("/healthz")[0] == 200
+    assert_refused(proxy, "/v2/")

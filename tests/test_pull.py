@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import stat
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -71,6 +73,28 @@ def test_multi_platform_copy_is_identical_and_served_offline(
         "hit",
         "miss",
     }
+
+
+def test_what_the_cache_holds_is_for_its_own_user_only(
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
+) -> None:
+    image = write_layout(tmp_path / "layout", "v1", None, [100_000], seed=9)
+    push(image, upstream.host, "private/app")
+    previous = os.umask(0o022)  # the usual one, which leaves new files world-readable
+    try:
+        proxy = start_proxy(one_upstream(upstream))
+    finally:
+        os.umask(previous)
+
+    skopeo.copy(f"docker://{proxy.host}/test.local/private/app:v1", f"dir:{tmp_path / 'copy'}")
+    stored = {digest.removeprefix("sha256:") for digest in image.blobs}
+    wait_for(lambda: stored <= blob_files(proxy.data), "the pulled image to be stored")
+
+    paths = [proxy.data, *proxy.data.rglob("*")]
+    assert proxy.data / "metadata.db" in paths
+    assert {path: stat.S_IMODE(path.stat().st_mode) & 0o077 for path in paths} == dict.fromkeys(
+        paths, 0
+    )
 
 
 def test_concurrent_cold_pulls_fetch_each_blob_once(
@@ -199,6 +223,22 @@ def test_corrupt_upstream_bytes_never_enter_the_cache(
         skopeo.copy(ref, f"dir:{tmp_path / 'good'}")
         assert_same_image(skopeo.read_dir_copy(tmp_path / "good"), image)
         assert layer.removeprefix("sha256:") in blob_files(proxy.data)
+
+
+def test_an_upstream_that_compresses_what_it_may_is_asked_for_the_bytes_themselves(
+    tmp_path: Path, start_proxy: StartProxy
+) -> None:
+    """Token services and CDNs gzip for clients that accept it; the cache stores blobs byte
+    for byte and decompresses nothing, so it accepts only the identity encoding."""
+    image = write_layout(tmp_path / "layout", "v1", None, [200_000], seed=7)
+    with StandIn(image, "app") as standin:
+        standin.compressing = True
+        standin.challenge = f'Bearer realm="{standin.url}/token",service="standin"'
+        proxy = start_proxy(one_upstream(standin))
+
+        skopeo.copy(f"docker://{proxy.host}/test.local/app:v1", f"dir:{tmp_path / 'copy'}")
+
+        assert_same_image(skopeo.read_dir_copy(tmp_path / "copy"), image)
 
 
 @pytest.mark.parametrize(

@@ -23,12 +23,12 @@ def test_file_and_environment(tmp_path: Path) -> None:
         tmp_path,
         {
             "tls": {"cert": "/certs/certs.pem"},
-            "auth": {"htpasswd": {"path": "/auth/htpasswd"}, "protect_metrics": True},
+            "auth": {"htpasswd": {"path": "/auth/htpasswd"}, "protect_metrics": False},
             "http": {"draintimeout": "2m"},
         },
     )
     assert settings.tls == TlsSettings(Path("/certs/certs.pem"))
-    assert settings.auth == AuthSettings(Path("/auth/htpasswd"), "registry-cache", True)
+    assert settings.auth == AuthSettings(Path("/auth/htpasswd"), "registry-cache", False)
     assert settings.drain_timeout == 120.0
 
     settings = _load(
@@ -43,7 +43,7 @@ def test_file_and_environment(tmp_path: Path) -> None:
         },
     )
     assert settings.tls == TlsSettings(Path("/env/cert.pem"), Path("/env/key.pem"))
-    assert settings.auth == AuthSettings(Path("/env/htpasswd"), "Corp Registry", False)
+    assert settings.auth == AuthSettings(Path("/env/htpasswd"), "Corp Registry", True)
 
     defaults = _load(tmp_path, {})
     assert (defaults.tls, defaults.auth, defaults.drain_timeout) == (None, None, 60.0)

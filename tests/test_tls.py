@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from tests.conftest import StartProxy, refused_start
 from tests.support import skopeo
@@ -128,6 +129,7 @@ def _expired(ca: CertificateAuthority) -> ServerCert:
         ("mismatched key", "tls.key (REGISTRY_HTTP_TLS_KEY): the private key does not match"),
         ("no key", "holds no private key"),
         ("not a certificate", "holds no PEM certificate"),
+        ("encrypted key", "tls.key (REGISTRY_HTTP_TLS_KEY): the private key in"),
     ],
 )
 def test_unusable_certificate_stops_start_up(
@@ -144,6 +146,15 @@ def test_unusable_certificate_stops_start_up(
     elif problem == "no key":
         cert.write_bytes(good.chain)
         tls = {"cert": str(cert)}
+    elif problem == "encrypted key":
+        cert.write_bytes(good.chain)
+        key.write_bytes(
+            serialization.load_pem_private_key(good.key, None).private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"pass phrase"),
+            )
+        )
     else:
         cert.write_bytes(good.key)
         key.write_bytes(good.key)
@@ -152,6 +163,8 @@ def test_unusable_certificate_stops_start_up(
     assert message in said
     if problem == "expired":
         assert "expired on" in said
+    if problem == "encrypted key":
+        assert "is encrypted" in said and "pass phrase:" not in said
     assert "PRIVATE KEY" not in said and "Traceback" not in said
 
 

@@ -2,9 +2,9 @@
 
 It serves one generated image from its OCI layout, and can be told to misbehave: send bytes
 that do not match a blob's digest, challenge for a token from a realm on another host, or
-redirect blob downloads elsewhere. It records every request with its `Authorization`, so a
-second instance on another loopback address can stand for a host that must never be reached.
-Everything else in the tests talks to real distribution.
+redirect blob downloads or token requests elsewhere. It records every request with its
+`Authorization`, so a second instance on another loopback address can stand for a host that
+must never be reached. Everything else in the tests talks to real distribution.
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ class StandIn:
         carries an opaque token, as Quay pages its tag lists."""
         self.blob_redirect: str | None = None
         """A base URL that blob GETs are redirected to (same path)."""
+        self.token_redirect: str | None = None
+        """A base URL that token requests are redirected to (same path and query)."""
+        self.compressing = False
+        """Compress every answer a client accepts compressed, as CDNs and token services do."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
@@ -107,6 +111,8 @@ class StandIn:
         return items[start:end], link if end < len(items) else ""
 
     async def _token(self, request: web.Request) -> web.Response:
+        if self.token_redirect is not None:
+            raise web.HTTPFound(self.token_redirect + request.path_qs)
         return web.json_response({"token": "standin-token", "expires_in": 300})
 
     async def _blob(self, request: web.Request) -> web.Response:
@@ -133,7 +139,10 @@ class StandIn:
                 status=401,
                 headers={"WWW-Authenticate": self.challenge},
             )
-        return await handler(request)
+        response = await handler(request)
+        if self.compressing:
+            response.enable_compression()
+        return response
 
     async def _start(self) -> None:
         app = web.Application(middlewares=[self._count])
