@@ -6,20 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from proxy.settings import AuthSettings, ConfigError, TlsSettings, load_settings
 from proxy.sync.config import load_sync_config
-
-
-def _load(tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None) -> Any:
-    path = tmp_path / "registry-cache.yml"
-    path.write_text(yaml.safe_dump(config))
-    return load_settings(path, env or {})
+from tests.support.config import load_config
 
 
 def test_file_and_environment(tmp_path: Path) -> None:
-    settings = _load(
+    settings = load_config(
         tmp_path,
         {
             "tls": {"cert": "/certs/certs.pem"},
@@ -31,7 +25,7 @@ def test_file_and_environment(tmp_path: Path) -> None:
     assert settings.auth == AuthSettings(Path("/auth/htpasswd"), "registry-cache", False)
     assert settings.drain_timeout == 120.0
 
-    settings = _load(
+    settings = load_config(
         tmp_path,
         {"tls": {"cert": "/file.pem"}},
         {
@@ -45,7 +39,7 @@ def test_file_and_environment(tmp_path: Path) -> None:
     assert settings.tls == TlsSettings(Path("/env/cert.pem"), Path("/env/key.pem"))
     assert settings.auth == AuthSettings(Path("/env/htpasswd"), "Corp Registry", True)
 
-    defaults = _load(tmp_path, {})
+    defaults = load_config(tmp_path, {})
     assert (defaults.tls, defaults.auth, defaults.drain_timeout) == (None, None, 60.0)
 
 
@@ -67,13 +61,19 @@ def test_file_and_environment(tmp_path: Path) -> None:
         ({"log": {"level": "INFO"}, "log_level": "INFO"}, {}, "give only one"),
         ({"log": {"level": "LOUD"}}, {}, "log.level: expected DEBUG"),
         ({"log": {"access": "off"}}, {}, "log.access: expected true or false"),
+        ({"cleaner": {"maxsize": 5368709120.0}}, {}, "cleaner.maxsize: expected a size"),
+        ({"http": {"draintimeout": [1]}}, {}, "http.draintimeout: expected a duration"),
+        ({"manifest_ttl": {"a": 1}}, {}, "manifest_ttl: expected a duration"),
+        ({"manifest_ttl": float("inf")}, {}, "manifest_ttl: a duration must be finite"),
+        ({}, {"CLEANER_THRESHOLD_PERCENTAGE": "nan"}, "CLEANER_THRESHOLD_PERCENTAGE: expected a"),
+        ({"cleaner": {"threshold_percentage": "inf"}}, {}, "cleaner.threshold_percentage"),
     ],
 )
 def test_bad_values_name_their_key(
     tmp_path: Path, config: dict[str, Any], env: dict[str, str], message: str
 ) -> None:
     with pytest.raises(ConfigError) as caught:
-        _load(tmp_path, config, env)
+        load_config(tmp_path, config, env)
     assert message in str(caught.value)
 
 

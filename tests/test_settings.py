@@ -9,15 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from proxy.settings import ConfigError, Settings, load_settings
-
-
-def _load(tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None) -> Settings:
-    path = tmp_path / "registry-cache.yml"
-    path.write_text(yaml.safe_dump(config))
-    return load_settings(path, env or {})
+from proxy.settings import ConfigError, load_settings
+from tests.support.config import load_config
 
 
 def _secret(tmp_path: Path, auths: dict[str, Any]) -> dict[str, str]:
@@ -41,7 +35,7 @@ def test_pull_secret_keys_become_hosts_and_paths_scope_their_logins(tmp_path: Pa
             "https://index.docker.io/v1/": _auth("hub:h"),
         },
     )
-    upstreams = _load(tmp_path, {"upstreams": [{"name": "docker.io"}]}, env).upstreams
+    upstreams = load_config(tmp_path, {"upstreams": [{"name": "docker.io"}]}, env).upstreams
     assert sorted(upstreams) == ["docker.io", "ghcr.io", "myreg.local:5000", "quay.io"]
     assert upstreams["myreg.local:5000"].url == "https://myreg.local:5000"
     assert upstreams["ghcr.io"].login_for("any/repo") == ("gh", "g")
@@ -66,7 +60,7 @@ def test_bad_upstream_names_are_refused(
     tmp_path: Path, config: dict[str, Any], auths: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(ConfigError) as caught:
-        _load(tmp_path, config, _secret(tmp_path, auths))
+        load_config(tmp_path, config, _secret(tmp_path, auths))
     assert message in str(caught.value)
 
 
@@ -87,30 +81,11 @@ def test_systemd_install_gives_the_example_configuration_the_units_data_director
     assert "ROOTDIRECTORY" not in unit
 
 
-@pytest.mark.parametrize(
-    ("config", "env", "message"),
-    [
-        ({"cleaner": {"maxsize": 5368709120.0}}, {}, "cleaner.maxsize: expected a size"),
-        ({"http": {"draintimeout": [1]}}, {}, "http.draintimeout: expected a duration"),
-        ({"manifest_ttl": {"a": 1}}, {}, "manifest_ttl: expected a duration"),
-        ({"manifest_ttl": float("inf")}, {}, "manifest_ttl: a duration must be finite"),
-        ({}, {"CLEANER_THRESHOLD_PERCENTAGE": "nan"}, "CLEANER_THRESHOLD_PERCENTAGE: expected a"),
-        ({"cleaner": {"threshold_percentage": "inf"}}, {}, "cleaner.threshold_percentage"),
-    ],
-)
-def test_bad_values_of_the_wrong_kind_name_their_key(
-    tmp_path: Path, config: dict[str, Any], env: dict[str, str], message: str
-) -> None:
-    with pytest.raises(ConfigError) as caught:
-        _load(tmp_path, config, env)
-    assert message in str(caught.value)
-
-
 def test_a_login_held_by_a_credential_helper_is_skipped_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     env = _secret(tmp_path, {"https://index.docker.io/v1/": {}, "quay.io": _auth("q:quay-pw")})
-    upstreams = _load(tmp_path, {}, env).upstreams
+    upstreams = load_config(tmp_path, {}, env).upstreams
     assert upstreams["docker.io"].login_for("library/alpine") is None
     assert upstreams["quay.io"].login_for("org/app") == ("q", "quay-pw")
     assert "pull_secret auths[https://index.docker.io/v1/]: no credentials" in caplog.text
