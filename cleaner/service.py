@@ -3,8 +3,9 @@
 It runs every `run_every`, and at once when a download pushes the cache past the high-water
 mark (`max_size * (1 + threshold/100)`), so that a burst of pulls cannot fill the disk between
 two runs. Sizes come from the metadata database: no walk of the disk per run. The budget also
-covers the parked starts of cut downloads (`partial/`, at most a few files): they go first,
-oldest first, being worth less than any verified blob.
+covers the parked starts of cut downloads (`partial/`, at most a few files), which go first,
+oldest first, being worth less than any verified blob, and the downloads in flight: a pass
+makes room for them before they land.
 """
 
 from __future__ import annotations
@@ -128,11 +129,12 @@ class Cleaner:
         await self.metadata.refresh_totals()
         if not (needed or self.budgeted_size() > self.settings.high_water_mark):
             return
-        # Down to the limit, less what is on its way in; lower only when the disk needs room
-        # now. (Not to the items' size of this moment: parked partials can pass the mark
-        # below the limit, and an item stored while this pass runs would then be evicted at
-        # once.)
-        target = self.settings.max_size - self.incoming()
+        # Down to the limit, or lower by as much as what is on its way in would pass the
+        # high-water mark when it lands (a burst of cold pulls); lower still only when the
+        # disk needs room now. (Not to the items' size of this moment: parked partials can
+        # pass the mark below the limit, and an item stored while this pass runs would then
+        # be evicted at once.)
+        target = min(self.settings.max_size, self.settings.high_water_mark - self.incoming())
         if needed:
             target = min(target, self.metadata.total_size - needed)
         report = await self.clean(max_size=max(target, 0))

@@ -45,7 +45,8 @@ def _disk_full(exc: BaseException) -> bool:
     """Whether a write failed for want of space, on the file system or in SQLite."""
     if isinstance(exc, OSError):
         return exc.errno in _DISK_FULL
-    return isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode == sqlite3.SQLITE_FULL
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # errors SQLite itself raised carry one
+    return isinstance(exc, sqlite3.Error) and code == sqlite3.SQLITE_FULL
 
 
 class _Abandoned(Exception):

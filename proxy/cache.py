@@ -153,6 +153,9 @@ class Cache:
         tagged = None
         if record is not None and time.time() - record.checked_at < ttl:
             tagged = await self._local_manifest(Digest.parse(record.digest))
+            if tagged is not None and acceptable(tagged.media_type, accept):
+                self.metadata.touch(record.digest)
+                return tagged
         if tagged is None:
             # One revalidation per tag, whatever the clients accept: the tag is recorded as
             # the upstream answers a client that takes every type (a list, for multi-arch).
@@ -299,16 +302,22 @@ class Cache:
         return manifest
 
     async def _keep_manifest(self, target: Target, manifest: Manifest) -> None:
-        """Store a verified manifest and record it, with the blobs and manifests it names."""
+        """Store a verified manifest (unless it is already) and record it, with the blobs and
+        manifests it names."""
         _, children = read_manifest(manifest.data, manifest.media_type)
-        await asyncio.to_thread(self.store.write, manifest.digest, manifest.data)
-        digest = str(manifest.digest)
-        record = ItemRecord(digest, "manifest", len(manifest.data), manifest.media_type)
+        new_file = self.store.size(manifest.digest) is None
+        if new_file:
+            await asyncio.to_thread(self.store.write, manifest.digest, manifest.data)
+        record = ItemRecord(
+            str(manifest.digest), "manifest", len(manifest.data), manifest.media_type
+        )
         try:
             await self.metadata.add_item(record, (target.upstream, target.repository), children)
         except sqlite3.Error:
-            # A file the database does not know of is one the cleaner never accounts for.
-            await asyncio.to_thread(self.store.delete, manifest.digest)
+            # A file the database does not know of is one the cleaner never accounts for; one
+            # stored before has its record already.
+            if new_file:
+                self.store.delete(manifest.digest)
             raise
 
     @staticmethod

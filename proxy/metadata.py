@@ -178,7 +178,10 @@ def _corruption(path: Path) -> str | None:
             problems = [row[0] for row in db.execute("PRAGMA quick_check")]
     except sqlite3.DatabaseError as exc:
         # The extended code's low byte is the primary one.
-        if (exc.sqlite_errorcode & 0xFF) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (
+            sqlite3.SQLITE_CORRUPT,
+            sqlite3.SQLITE_NOTADB,
+        ):
             return str(exc)
         raise
     return None if problems == ["ok"] else "; ".join(problems)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import ipaddress
 import json
 import logging
 import math
@@ -122,7 +124,8 @@ class UpstreamSettings:
     # Domains besides the upstream's own host that may receive requests on its behalf (token
     # realms, blob redirects); never with the upstream's credentials.
     extra_hosts: tuple[str, ...] = ()
-    # Logins scoped to repository paths, the most specific first; they win over the above.
+    # Logins scoped to repository paths, the most specific first; they win over `username`
+    # and `password`.
     repository_logins: tuple[RepositoryLogin, ...] = ()
     # Hosts of its token service besides its own host: the only others that get credentials.
     auth_hosts: tuple[str, ...] = ()
@@ -556,7 +559,7 @@ class _Loader:
             {"name", "url", "username", "password", "manifest_ttl", "extra_hosts", "auth_hosts"},
             key,
         )
-        name = registry_name(require_string(section.get("name"), f"{key}.name"), f"{key}.name")
+        name = _registry_name(require_string(section.get("name"), f"{key}.name"), f"{key}.name")
         url = section.get("url") or _PUBLIC_REGISTRIES.get(name, f"https://{name}")
         url = require_string(url, f"{key}.url").rstrip("/")
         if not re.fullmatch(r"https?://[^/?#\s]+(?:/[^?#\s]*)?", url):
@@ -614,7 +617,7 @@ def registry_upstream(
     )
 
 
-def registry_name(text: str, key: str) -> str:
+def _registry_name(text: str, key: str) -> str:
     """`text` if it is what clients can write as an upstream: a lowercase host[:port]."""
     if not _REGISTRY_HOST.fullmatch(text):
         raise ConfigError(
@@ -650,7 +653,13 @@ def _read_pull_secret(path: Path) -> list[_SecretLogin]:
     logins = []
     for raw_key, entry in auths.items():
         key = f"pull_secret auths[{raw_key}]"
-        host, path_under_host = _secret_key(raw_key, key)
+        try:
+            host, path_under_host = _secret_key(raw_key, key)
+        except ConfigError as exc:
+            # A key no client could name as an upstream (a wildcard, say) cannot be used, but
+            # should not keep the cache from starting with the others.
+            log.warning("%s; skipped", exc)
+            continue
         section = _mapping(entry, key)
         if not any(section.get(name) for name in ("auth", "username", "password")):
             # Docker writes `{}` for a login its credsStore or credHelpers hold.
@@ -677,8 +686,9 @@ def _secret_key(raw_key: str, key: str) -> tuple[str, str]:
     if bare == "index.docker.io/v1":  # Docker's own key for Docker Hub, not a repository path
         return DOCKER_HUB, ""
     host, _, repository_path = bare.partition("/")
+    host = host.lower()  # as DNS compares names
     name = DOCKER_HUB if host in _DOCKER_HUB_ALIASES else host
-    return registry_name(name, key), repository_path
+    return _registry_name(name, key), repository_path
 
 
 def _logins_by_host(
@@ -713,21 +723,37 @@ def _api_host(upstream: UpstreamSettings) -> str:
     return _host_name(urlsplit(upstream.url).hostname or "")
 
 
+def _above_or_at_api_host(host: str, upstream: UpstreamSettings) -> bool:
+    """Whether `host` is the upstream's API host or a domain above it (GitLab's registry.gitlab.com
+    has its token service on gitlab.com). Whoever runs a domain above a host runs its DNS, so it
+    is trusted as much; a sibling (evil.co.uk beside registry.example.co.uk) is not, nor a bare
+    top-level label, nor anything about an address."""
+    api = _api_host(upstream)
+    if host == api:
+        return True
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(api)
+        return False
+    return "." in host and api.endswith("." + host)
+
+
 def receives_credentials(scheme: str, host: str, upstream: UpstreamSettings) -> bool:
-    """Whether the upstream's credentials may go to `scheme://host`: only to its API host or
-    one of its token services, and over TLS unless the upstream itself is plain HTTP."""
+    """Whether the upstream's credentials may go to `scheme://host`: only to its API host (or a
+    domain above it) or one of its token services, and over TLS unless the upstream itself is
+    plain HTTP."""
     if scheme != "https" and urlsplit(upstream.url).scheme == "https":
         return False
     host = _host_name(host)
-    return host == _api_host(upstream) or host in upstream.auth_hosts
+    return _above_or_at_api_host(host, upstream) or host in upstream.auth_hosts
 
 
 def host_allowed(host: str, upstream: UpstreamSettings) -> bool:
     """Whether a token realm, redirect or upload target host is one of the upstream's: its API
-    host and token services exactly, or within one of its extra domains."""
+    host (or a domain above it) and token services exactly, or within one of its extra
+    domains."""
     host = _host_name(host)
     return (
-        host == _api_host(upstream)
+        _above_or_at_api_host(host, upstream)
         or host in upstream.auth_hosts
         or any(host == domain or host.endswith("." + domain) for domain in upstream.extra_hosts)
     )

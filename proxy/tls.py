@@ -85,7 +85,8 @@ def load_context(tls: TlsSettings) -> ssl.SSLContext:
             ) from None
         raise ConfigError(f"{_CERT_KEY}: cannot use {tls.cert}: {exc.reason}") from None
     except OSError as exc:  # a file gone since it was read
-        raise ConfigError(f"{where}: cannot use {key_path}: {exc.strerror}") from None
+        gone = exc.filename or f"{tls.cert} or {key_path}"
+        raise ConfigError(f"{where}: cannot use {gone}: {exc.strerror}") from None
     return context
 
 

@@ -179,7 +179,7 @@ class UpstreamClient:
         )
         self._tokens = TokenCache()
         self._token_fetches: SingleFlight[str, _Token] = SingleFlight()
-        self._basic = False
+        self._basic_auth = False
         self.rate_limit: RateLimit | None = None
         self.reachability = Reachability()
 
@@ -312,7 +312,7 @@ class UpstreamClient:
         response.release()
         scheme, params = _parse_challenge(challenge)
         if scheme == "basic" and login is not None:
-            self._basic = True
+            self._basic_auth = True
         elif scheme == "bearer" and "realm" in params:
             # The token we sent (if any) was refused, perhaps expired early: never reuse it.
             self._tokens.discard(params.get("scope") or scope)
@@ -329,7 +329,7 @@ class UpstreamClient:
         token = self._tokens.get(scope)
         if token is not None:
             return f"Bearer {token.value}"
-        if self._basic and login is not None:
+        if self._basic_auth and login is not None:
             return _basic(*login)
         return None
 
@@ -405,10 +405,11 @@ class UpstreamClient:
         if realm.scheme not in ("http", "https") or not host_allowed(
             realm.host or "", self.settings
         ):
-            raise UpstreamUnauthorized(
-                401,
+            # Not a refusal (which would stop stale tags from standing in), a broken upstream:
+            # a 502, naming the setting that would let the realm in.
+            raise UpstreamError(
                 f"{self.settings.name} named a token realm on {realm.host!r}, which is not one of "
-                "its hosts; not followed",
+                "its hosts (add it to the upstream's auth_hosts if it is its token service)"
             )
         query = {"scope": scope}
         if "service" in challenge:

@@ -162,7 +162,7 @@ def test_token_realm_gets_credentials_only_on_the_upstreams_host(
             assert (status, body) == (200, image.raw)
             assert ("/v2/app/manifests/v1", "Bearer standin-token") in registry.authorizations
         else:
-            assert (status, json.loads(body)["errors"][0]["code"]) == (403, "DENIED")
+            assert (status, json.loads(body)["errors"][0]["code"]) == (502, "UNAVAILABLE")
         assert password not in proxy.log()
 
 
@@ -176,6 +176,10 @@ _AUTH = {"auth_hosts": ("auth.example.com",)}
         ("https://registry.example.co.uk", {}, "https://evil.co.uk", False, False),
         ("https://myco.azurecr.io", {}, "https://attacker.azurecr.io", False, False),
         ("https://myco.azurecr.io", {}, "https://MyCo.AzureCR.io.", True, True),
+        ("https://registry.gitlab.com", {}, "https://gitlab.com", True, True),
+        ("https://registry.gitlab.com", {}, "https://com", False, False),
+        ("https://gitlab.com", {}, "https://registry.gitlab.com", False, False),
+        ("http://127.0.0.1:5000", {}, "http://0.0.1", False, False),
         ("https://robot:pw@registry.example.com", {}, "https://registry.example.com", True, True),
         ("http://[::1]:5000", {}, "http://[::1]:5001", True, True),
         ("https://registry.example.com", {}, "http://registry.example.com", True, False),
@@ -189,7 +193,8 @@ _AUTH = {"auth_hosts": ("auth.example.com",)}
 def test_upstream_hosts_and_who_gets_credentials(
     url: str, listed: dict[str, Any], target: str, allowed: bool, credentials: bool
 ) -> None:
-    """Exact hosts, not a guess at registrable domains; credentials never in clear text."""
+    """The API host and the domains above it, not a guess at registrable domains; credentials
+    never in clear text."""
     upstream = UpstreamSettings("r", url, "robot", "pw", **listed)
     parsed = URL(target)
     assert host_allowed(parsed.host or "", upstream) == allowed

@@ -52,7 +52,6 @@ def test_pull_secret_keys_become_hosts_and_paths_scope_their_logins(tmp_path: Pa
     [
         ({"upstreams": [{"name": "Quay.io"}]}, {}, "upstreams[0].name: expected a registry host"),
         ({"upstreams": [{"name": "quay.io/org"}]}, {}, "upstreams[0].name"),
-        ({}, {"https://Ghcr.IO/": _auth("a:b")}, "pull_secret auths[https://Ghcr.IO/]"),
         ({}, {"https://ghcr.io/": {"auth": "%%"}}, "pull_secret auths[https://ghcr.io/].auth"),
     ],
 )
@@ -81,11 +80,18 @@ def test_systemd_install_gives_the_example_configuration_the_units_data_director
     assert "ROOTDIRECTORY" not in unit
 
 
-def test_a_login_held_by_a_credential_helper_is_skipped_with_a_warning(
+def test_logins_the_cache_cannot_use_are_skipped_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    env = _secret(tmp_path, {"https://index.docker.io/v1/": {}, "quay.io": _auth("q:quay-pw")})
-    upstreams = load_config(tmp_path, {}, env).upstreams
+    """A login a credential helper holds, or a key no client can name as an upstream, costs
+    that login, not the start of the cache; a key's case does not matter, as in DNS."""
+    auths = {
+        "https://index.docker.io/v1/": {},
+        "*.gcr.io": _auth("w:wild"),
+        "https://Quay.IO/": _auth("q:quay-pw"),
+    }
+    upstreams = load_config(tmp_path, {}, _secret(tmp_path, auths)).upstreams
     assert upstreams["docker.io"].login_for("library/alpine") is None
     assert upstreams["quay.io"].login_for("org/app") == ("q", "quay-pw")
     assert "pull_secret auths[https://index.docker.io/v1/]: no credentials" in caplog.text
+    assert "pull_secret auths[*.gcr.io]: expected a registry host" in caplog.text
