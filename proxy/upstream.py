@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import re
 import ssl
 import time
@@ -39,7 +40,7 @@ from .metrics import Metrics
 from .reachability import Reachability
 from .settings import UpstreamSettings, host_allowed, receives_credentials
 
-__all__ = ["RateLimit", "UpstreamClient", "read_body"]
+__all__ = ["RateLimit", "UpstreamClient", "read_body", "token_lifetime"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,15 @@ class TokenCache:
 
     def discard(self, scope: str) -> None:
         self._by_scope.pop(scope, None)
+
+
+def token_lifetime(expires_in: object) -> float:
+    """Seconds a token lives: what the service says, but at least the 60 the distribution spec
+    assumes when it says nothing; JSON as Python reads it takes NaN and Infinity, and a token
+    must still expire."""
+    if isinstance(expires_in, int | float) and math.isfinite(expires_in):
+        return max(float(expires_in), 60.0)
+    return 60.0
 
 
 def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -450,6 +460,4 @@ class UpstreamClient:
         )
         if not isinstance(value, str):
             raise UpstreamUnavailable(f"{self.settings.name}'s token service sent no token")
-        expires_in = document.get("expires_in", 60)
-        lifetime = max(float(expires_in) if isinstance(expires_in, int | float) else 60.0, 60.0)
-        return _Token(value, started + lifetime - _TOKEN_MARGIN)
+        return _Token(value, started + token_lifetime(document.get("expires_in")) - _TOKEN_MARGIN)

@@ -1,10 +1,14 @@
-"""The registry client's own state, apart from any server: what it keeps of the tokens."""
+"""The registry client's own state, apart from any server: what it keeps of the tokens, and for
+how long."""
 
 from __future__ import annotations
 
+import math
 import time
 
-from proxy.upstream import TokenCache, _Token
+import pytest
+
+from proxy.upstream import TokenCache, _Token, token_lifetime
 
 
 def _token(value: str, lifetime: float = 300.0) -> _Token:
@@ -33,3 +37,13 @@ def test_expired_tokens_are_dropped_before_any_good_one() -> None:
     # The expired token made room, not the least recently used good one.
     assert tokens.get("repository:a:pull") is not None
     assert tokens.get("repository:c:pull") is not None
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "lifetime"),
+    [(300, 300.0), (5, 60.0), (None, 60.0), ("300", 60.0), (math.nan, 60.0), (math.inf, 60.0)],
+)
+def test_a_token_lives_what_its_service_says_but_always_expires(
+    expires_in: object, lifetime: float
+) -> None:
+    assert token_lifetime(expires_in) == lifetime
