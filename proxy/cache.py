@@ -22,7 +22,6 @@ from typing import Any, Final
 from urllib.parse import urlencode
 
 import aiohttp
-from yarl import URL
 
 from . import errors
 from .blobfetch import BlobFetcher, DirectTransfer
@@ -41,7 +40,7 @@ from .metrics import Metrics
 from .reference import Digest, Tag, Target
 from .settings import Settings
 from .store import BlobStore
-from .upstream import UpstreamClient, read_body
+from .upstream import UpstreamClient, next_page_query, read_body
 
 __all__ = ["Cache", "LocalBlob", "Page", "open_cache", "paginate"]
 
@@ -425,7 +424,7 @@ class Cache:
         tags = document.get("tags") if isinstance(document, dict) else None
         listed = [tag for tag in tags or [] if isinstance(tag, str)]
         if link:
-            return Page(listed, _link_query(link))
+            return Page(listed, next_page_query(link))
         # An upstream that does not paginate (distribution 2.x) gets paginated here.
         return paginate(sorted(listed), n, last)
 
@@ -463,7 +462,7 @@ class Cache:
                 raise upstream_failure(exc, errors.MANIFEST_UNKNOWN) from None
             self._warn_stale(target.upstream, exc)
             return kept
-        page = ReferrersPage(body, headers, _link_query(link) if link else None)
+        page = ReferrersPage(body, headers, next_page_query(link) if link else None)
         if kept_as is not None:
             await self.metadata.set_referrers(*kept_as, page)
         return page
@@ -472,20 +471,10 @@ class Cache:
         return paginate(await self.metadata.repositories(), n, last)
 
 
-def _link_target(link: str) -> URL:
-    """The URL of an upstream's `Link: <...>; rel="next"`."""
-    return URL(link.split(";", 1)[0].strip().strip("<>"))
-
-
 def _stands_in(exc: UpstreamError) -> bool:
     """Whether what the cache holds may answer instead of the upstream: it is unreachable or
     rate-limited, not refusing (a 404, or a 401/403 after a repository turned private)."""
     return isinstance(exc, (errors.UpstreamUnavailable, errors.UpstreamRateLimited))
-
-
-def _link_query(link: str) -> str | None:
-    """The query of an upstream's next-page `Link`, still encoded, if it has one."""
-    return _link_target(link).raw_query_string or None
 
 
 @asynccontextmanager

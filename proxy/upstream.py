@@ -40,7 +40,7 @@ from .metrics import Metrics
 from .reachability import Reachability
 from .settings import UpstreamSettings, host_allowed, receives_credentials
 
-__all__ = ["RateLimit", "UpstreamClient", "read_body", "token_lifetime"]
+__all__ = ["RateLimit", "UpstreamClient", "next_page_query", "read_body", "token_lifetime"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,12 @@ class TokenCache:
 
     def discard(self, scope: str) -> None:
         self._by_scope.pop(scope, None)
+
+
+def next_page_query(link: str) -> str | None:
+    """The query of a next-page `Link: <...>; rel="next"`, still encoded, if it has one: opaque,
+    whether it says `last=` (distribution) or carries a token (Quay's `next_page=`)."""
+    return URL(link.split(";", 1)[0].strip().strip("<>")).raw_query_string or None
 
 
 def token_lifetime(expires_in: object) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import errno
 import fcntl
@@ -30,10 +31,12 @@ import pytest
 import yaml
 
 from proxy.cache import open_cache
-from proxy.manifest import OCI_INDEX, OCI_MANIFEST
+from proxy.manifest import OCI_INDEX, OCI_MANIFEST, Manifest
 from proxy.metrics import Metrics
+from proxy.reference import Digest
 from proxy.settings import ConfigError, load_settings
 from proxy.sync.config import RATE_LIMIT_RETRY_MIN, Retention, load_sync_config
+from proxy.sync.copy import children
 from proxy.sync.endpoints import Endpoints
 from proxy.sync.filters import SemverRange, TagFilter, Version, anchored, select
 from proxy.sync.progress import SILENT, Bars
@@ -630,6 +633,68 @@ def test_wrong_password_fails_only_its_entry(
     assert "bad.example/app:v1" in errors[0] and "401" in errors[0]
     assert "not-it" not in result.stdout + result.stderr
     assert "wonderland" not in result.stdout + result.stderr
+
+
+def test_a_corrupt_source_fails_only_its_entry(tmp_path: Path, upstream: Registry) -> None:
+    served = image(tmp_path, "p", 6)
+    good = image(tmp_path, "ok", 7)
+    push(good, upstream.host, "good", "v1")
+    with StandIn(served, "q/app") as standin:
+        standin.corrupt = {served.layers[0]}
+        cache = {
+            "upstreams": [
+                {"name": "bad.local", "url": standin.url},
+                {"name": "test.local", "url": upstream.url},
+            ],
+            "default_upstream": "test.local",
+        }
+        config = {"sync": [{"source": "bad.local/q/app:p"}, {"source": "test.local/good:v1"}]}
+        result = sync(tmp_path / "c", cache, config, "once")
+    assert result.returncode == 1, result.stdout + result.stderr
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "does not match its digest" in errors[0], result.stdout
+    assert "Traceback" not in result.stderr
+    data = tmp_path / "c" / "data"
+    assert {d.removeprefix("sha256:") for d in good.blobs} <= blob_files(data)
+
+
+async def test_tag_lists_follow_the_sources_own_page_tokens(tmp_path: Path) -> None:
+    served = image(tmp_path, "p", 6)
+    with StandIn(served, "q/app") as standin:
+        standin.tags = [f"t{n}" for n in range(5)]
+        standin.page_size = 2  # with Quay's opaque `next_page` tokens
+        host = f"127.0.0.1:{standin.port}"
+        path = tmp_path / "sync.yml"
+        entry = {"source": f"{host}/q/app", "target": f"{host}/x", "type": "repository"}
+        path.write_text(
+            yaml.safe_dump({"creds": [{"registry": host, "tls": "disabled"}], "sync": [entry]})
+        )
+        endpoints = Endpoints(load_settings(None, env={}), load_sync_config(path), Metrics(), None)
+        try:
+            # Bounded: a client that does not follow the tokens asks for page 1 forever.
+            listed = await asyncio.wait_for(endpoints.remote(host).tags("q/app"), timeout=60)
+            assert listed == standin.tags
+        finally:
+            await endpoints.close()
+
+
+def test_platforms_match_with_their_default_variants() -> None:
+    """Docker Hub's indexes list `linux/arm64/v8`, which `linux/arm64` names (as in regclient)."""
+    listed = [("arm64", "v8"), ("arm", "v7"), ("amd64", None)]
+    entries = [
+        {
+            "mediaType": OCI_MANIFEST,
+            "digest": f"sha256:{n:064x}",
+            "size": 1,
+            "platform": {"os": "linux", "architecture": arch, **({"variant": v} if v else {})},
+        }
+        for n, (arch, v) in enumerate(listed)
+    ]
+    data = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
+    index = Manifest(Digest.of(data), OCI_INDEX, data)
+    picked = children(index, ["linux/arm64", "linux/arm", "linux/AMD64"])
+    assert [entry["digest"] for entry in picked] == [entry["digest"] for entry in entries]
+    assert children(index, ["linux/arm64/v7"]) == []
 
 
 async def test_rate_limit_waits_without_a_slot_and_is_counted(

@@ -19,7 +19,15 @@ from proxy.manifest import Manifest
 from .progress import SILENT, Progress, short
 from .remote import Remote
 
-__all__ = ["CopyStats", "ImageCopier", "MountHints", "children", "is_index", "platform_of"]
+__all__ = [
+    "CopyStats",
+    "ImageCopier",
+    "MountHints",
+    "children",
+    "is_index",
+    "normalized_platform",
+    "platform_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +66,33 @@ def is_index(manifest: Manifest) -> bool:
     return "manifests" in _document(manifest)
 
 
+# Variants an architecture has when none is named (as containerd and regclient compare them).
+_DEFAULT_VARIANTS: Final = {"arm64": "v8", "arm": "v7"}
+
+
+def normalized_platform(platform: str) -> str:
+    """`os/arch/variant` with the architecture's default variant filled in: `linux/arm64` and
+    `linux/arm64/v8` (as Docker Hub's indexes list it) are one platform."""
+    os_name, _, rest = platform.lower().partition("/")
+    architecture, _, variant = rest.partition("/")
+    variant = variant or _DEFAULT_VARIANTS.get(architecture, "")
+    return "/".join(part for part in (os_name, architecture, variant) if part)
+
+
 def platform_of(descriptor: dict[str, object]) -> str | None:
-    """`os/arch[/variant]` of an index entry."""
+    """`os/arch[/variant]` of an index entry, normalized."""
     platform = descriptor.get("platform")
     if not isinstance(platform, dict):
         return None
     parts = [platform.get("os"), platform.get("architecture"), platform.get("variant")]
-    return "/".join(str(part) for part in parts if part)
+    return normalized_platform("/".join(str(part) for part in parts if part))
 
 
 def children(manifest: Manifest, platforms: Iterable[str] = ()) -> list[dict[str, object]]:
     """The descriptors an index lists (only the wanted platforms), or a manifest's config and
     layers."""
     document = _document(manifest)
-    wanted = set(platforms)
+    wanted = {normalized_platform(platform) for platform in platforms}
     listed = document.get("manifests")
     if isinstance(listed, list):
         return [

@@ -16,13 +16,17 @@ from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
+from yarl import URL
 
 from proxy.errors import UpstreamError, UpstreamNotFound, UpstreamStatusError
 from proxy.manifest import ACCEPT_ALL, MAX_MANIFEST_SIZE, OCI_INDEX, Manifest, read_manifest
 from proxy.reference import Digest
-from proxy.upstream import RateLimit, UpstreamClient, read_body
+from proxy.upstream import RateLimit, UpstreamClient, next_page_query, read_body
 
 __all__ = ["Head", "Remote", "Throttle"]
+
+# Pages of a tag list followed at most: ten million tags at the usual thousand a page.
+_MAX_TAG_PAGES: Final = 10_000
 
 _CHUNK: Final = 1024 * 1024
 
@@ -168,18 +172,23 @@ class Remote:
             yield response.content.iter_chunked(_CHUNK)
 
     async def tags(self, repository: str) -> list[str]:
-        """Every tag, following the `Link` pagination."""
+        """Every tag, following the `Link` to each next page as the registry wrote it (`last=`,
+        or Quay's opaque token); a page asked for twice ends the list."""
         tags: list[str] = []
-        params: dict[str, str] = {"n": "1000"}
-        while True:
+        query: str | None = "n=1000"
+        asked: set[str] = set()
+        for _ in range(_MAX_TAG_PAGES):
+            if query is None or query in asked:
+                break
+            asked.add(query)
+            params = dict(URL(f"?{query}").query)
             async with self._open("GET", "tags/list", repository, params=params) as response:
                 document = json.loads(await read_body(response, MAX_MANIFEST_SIZE))
                 link = response.headers.get("Link")
             listed = document.get("tags") if isinstance(document, dict) else None
             tags += [tag for tag in listed or [] if isinstance(tag, str)]
-            if not link or not listed:
-                return tags
-            params = {"n": "1000", "last": listed[-1]}
+            query = next_page_query(link) if link and listed else None
+        return tags
 
     async def referrers(self, repository: str, digest: str) -> list[dict[str, object]] | None:
         """The OCI 1.1 referrers of `digest`, or None when the registry has no referrers API

@@ -21,7 +21,7 @@ from proxy.metrics import Metrics
 
 from .attached import Attachments
 from .config import Entry, SyncConfig
-from .copy import children, platform_of
+from .copy import children, normalized_platform, platform_of
 from .endpoints import Endpoints
 from .filters import select
 from .progress import SILENT, Progress, labelled
@@ -128,7 +128,7 @@ class Worker:
             retired = await self._retention(entry, destination, result)
             if entry.pin and not self.dry_run and self.metadata is not None:
                 await self._pin(entry, destination, [t for t in tags if t not in retired])
-        except (UpstreamError, RegistryError, ValueError, OSError) as exc:
+        except Exception as exc:  # one entry's failure, of any kind, is its own
             result.fail(str(entry.source), exc)
         self._account(entry, result, time.monotonic() - started)
         return result
@@ -187,7 +187,7 @@ class Worker:
                     result.skipped += 1  # only once its attachments did not fail it
             finally:
                 self._slots.release()
-        except (UpstreamError, RegistryError, ValueError, OSError) as exc:
+        except Exception as exc:  # one tag's failure, of any kind, is its own
             result.failed += 1
             result.fail(reference, exc)
 
@@ -199,7 +199,7 @@ class Worker:
             return head.digest
         index = await source.manifest(entry.source.repository, head.digest)
         for descriptor in children(index, (entry.platform,)):
-            if platform_of(descriptor) == entry.platform:
+            if platform_of(descriptor) == normalized_platform(entry.platform):
                 return str(descriptor["digest"])
         raise ValueError(f"no {entry.platform} image in {head.digest}")
 
