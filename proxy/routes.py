@@ -75,22 +75,25 @@ def _split_path(path: str) -> _ParsedPath:
 def resolve_target(name: str, ns: str | None, settings: Settings) -> Target:
     """Which upstream and repository a client's name refers to.
 
-    `quay.io/foo/bar` names its upstream; a first component that looks like a host but is not
-    configured is refused (never an open proxy); anything else is Docker Hub mirror mode, where
-    containerd's `?ns=` may name the upstream instead of the default.
+    containerd's `?ns=` names the upstream; otherwise `quay.io/foo/bar` names its upstream, a
+    first component that looks like a host but is not configured is refused (never an open
+    proxy), and anything else is Docker Hub mirror mode (the default upstream).
     """
     first, _, rest = name.partition("/")
-    if first in settings.upstreams:
+    if ns is not None:
+        # containerd names the registry and sends the repository as it is there, whatever
+        # its first component looks like (gcr.io/google.com/...); or, with a mirror path
+        # that ends in the upstream, after the upstream's name.
+        upstream = DOCKER_HUB if ns in _DOCKER_HUB_NAMES else ns
+        if upstream not in settings.upstreams:
+            raise RegistryError(errors.NAME_UNKNOWN, f"upstream not configured: {ns[:100]}")
+        repository = rest if first == upstream else name
+    elif first in settings.upstreams:
         upstream, repository = first, rest
     elif looks_like_host(first):
         raise RegistryError(errors.NAME_UNKNOWN, f"upstream not configured: {first[:100]}")
     else:
         upstream, repository = settings.default_upstream, name
-        if ns is not None:
-            wanted = DOCKER_HUB if ns in _DOCKER_HUB_NAMES else ns
-            if wanted not in settings.upstreams:
-                raise RegistryError(errors.NAME_UNKNOWN, f"upstream not configured: {ns[:100]}")
-            upstream = wanted
     if not repository:
         raise RegistryError(errors.NAME_INVALID, "a repository name is required after the upstream")
     validate_repository(repository)

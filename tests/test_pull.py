@@ -466,6 +466,24 @@ def test_manifest_types_follow_the_clients_accept_without_moving_the_tag(
     assert (status, head["Docker-Content-Digest"]) == (200, multi.digest)
 
 
+def test_containerds_ns_takes_repositories_whose_first_part_looks_like_a_host(
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
+) -> None:
+    """GCR's domain-scoped projects (gcr.io/google.com/...), GitLab groups with dots."""
+    image = write_layout(tmp_path / "layout", "v1", None, [900], seed=23)
+    push(image, upstream.host, "example.com/proj/app")
+    proxy = start_proxy(one_upstream(upstream))
+    for path in (
+        "/v2/example.com/proj/app/manifests/v1?ns=test.local",
+        "/v2/test.local/example.com/proj/app/manifests/v1?ns=test.local",  # a mirror path
+        "/v2/test.local/example.com/proj/app/manifests/v1",
+    ):
+        status, headers, _ = proxy.get(path, {"Accept": ACCEPT_ALL})
+        assert (status, headers["Docker-Content-Digest"]) == (200, image.digest), path
+    status, _, body = proxy.get("/v2/example.com/proj/app/manifests/v1", {"Accept": ACCEPT_ALL})
+    assert (status, json.loads(body)["errors"][0]["code"]) == (404, "NAME_UNKNOWN")
+
+
 def test_podman_pulls_by_name_and_as_docker_hub_mirror(
     tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
