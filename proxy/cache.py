@@ -98,6 +98,7 @@ class Cache:
         self._manifest_flights: SingleFlight[tuple[object, ...], Manifest] = SingleFlight(
             on_join=metrics.coalesced.labels("manifest").inc
         )
+        self._confirmations: SingleFlight[tuple[str, str, Digest], int | None] = SingleFlight()
         self._stale_warned: dict[str, float] = {}
         self._leases: Counter[Digest] = Counter()
 
@@ -180,6 +181,8 @@ class Cache:
     async def _manifest_by_digest(self, target: Target, digest: Digest) -> Manifest:
         local = await self._local_manifest(digest)
         if local is not None:
+            if not self._granted(target, digest):
+                await self._confirm(target, digest, "manifests")
             self.metadata.touch(str(digest))
             return local
         key = ("digest", target.upstream, digest)
@@ -199,6 +202,8 @@ class Cache:
             if local is not None and current == local.digest:
                 manifest = local
             elif current is not None:
+                # The repository's own HEAD named it: this repository has it.
+                self.metadata.grant(target.upstream, target.repository, str(current))
                 manifest = await self._manifest_by_digest(target, current)
             else:
                 manifest = await self._fetch_manifest(target, tag.value, ACCEPT_ALL)
@@ -368,9 +373,17 @@ class Cache:
         self.metadata.touch(str(digest))
         return LocalBlob(digest, self.store.path(digest), size)
 
-    def blob(self, target: Target, digest: Digest) -> LocalBlob | BlobDownload | DirectTransfer:
-        """The stored blob, or the download that is bringing it in (started if need be)."""
+    async def blob(
+        self, target: Target, digest: Digest
+    ) -> LocalBlob | BlobDownload | DirectTransfer:
+        """The stored blob, or the download that is bringing it in (started if need be); what
+        another repository brought in, once this one's upstream says it has it too."""
         local = self.local_blob(digest)
+        if (local is not None or digest in self.fetcher.downloads) and not self._granted(
+            target, digest
+        ):
+            await self._confirm(target, digest, "blobs")
+            local = self.local_blob(digest)
         if local is not None:
             self.metrics.hits.inc("blob")
             return local
@@ -381,18 +394,41 @@ class Cache:
         return transfer
 
     async def blob_size(self, target: Target, digest: Digest) -> int | None:
-        """What a blob HEAD answers: the size, from the store, a download, or an upstream HEAD."""
+        """What a blob HEAD answers: the size, from the store or a download this repository
+        may have, or an upstream HEAD."""
         local = self.local_blob(digest)
-        if local is not None:
-            return local.size
         download = self.fetcher.downloads.get(digest)
-        if download is not None and download.size is not None:
-            return download.size
-        try:
-            async with self._request(target, "HEAD", f"blobs/{digest}") as response:
-                return response.content_length
-        except UpstreamError as exc:
-            raise upstream_failure(exc, errors.BLOB_UNKNOWN) from None
+        known = local.size if local is not None else download.size if download else None
+        if known is not None and self._granted(target, digest):
+            return known
+        return await self._confirm(target, digest, "blobs")
+
+    # -- which repository may have what ----------------------------------------------------
+
+    def _granted(self, target: Target, digest: Digest) -> bool:
+        return self.metadata.granted(target.upstream, target.repository, str(digest))
+
+    async def _confirm(self, target: Target, digest: Digest, kind: str) -> int | None:
+        """Ask the upstream (a HEAD, once per repository and digest at a time) whether this
+        repository has `digest`, before the cache gives it what another repository, or another
+        upstream, brought in: a digest alone must not open a repository that is private, or
+        that credentials scoped to one repository fetched from. Returns the size it says."""
+        unknown = errors.BLOB_UNKNOWN if kind == "blobs" else errors.MANIFEST_UNKNOWN
+        headers = {"Accept": ", ".join(ACCEPT_ALL)} if kind == "manifests" else None
+
+        async def ask() -> int | None:
+            try:
+                async with self._request(
+                    target, "HEAD", f"{kind}/{digest}", headers=headers
+                ) as response:
+                    size = response.content_length
+            except UpstreamError as exc:
+                raise upstream_failure(exc, unknown) from None
+            self.metadata.grant(target.upstream, target.repository, str(digest))
+            return size
+
+        key = (target.upstream, target.repository, digest)
+        return await self._confirmations.do(key, ask)
 
     # -- listings ----------------------------------------------------------------------------
 

@@ -211,6 +211,9 @@ class Metadata:
         self._db: sqlite3.Connection | None = None
         self._tags: dict[tuple[str, str, str], TagRecord] = {}
         self._items: dict[str, ItemRecord] = {}
+        # (upstream, repository, digest) the upstream let that repository have: what it was
+        # pulled through, what its manifests there name, and what a HEAD there confirmed.
+        self._grants: set[tuple[str, str, str]] = set()
         self._pending_access: dict[str, float] = {}
         # The sum of all item sizes, kept current so the hot path can compare it to the budget.
         self.total_size = 0
@@ -244,6 +247,17 @@ class Metadata:
 
         self._db = await asyncio.get_running_loop().run_in_executor(self._executor, connect)
         await self.refresh_totals()
+
+        def held(db: sqlite3.Connection) -> list[tuple[str, str, str]]:
+            return db.execute(
+                "WITH RECURSIVE granted (upstream, repository, digest) AS ("
+                "  SELECT upstream, repository, digest FROM holdings"
+                "  UNION SELECT granted.upstream, granted.repository, child"
+                "  FROM granted JOIN children ON parent = granted.digest"
+                ") SELECT upstream, repository, digest FROM granted"
+            ).fetchall()
+
+        self._grants = set(await self._run(held))
 
     async def close(self) -> None:
         if self._db is None:
@@ -307,6 +321,22 @@ class Metadata:
             self.total_size += record.size
             self.total_items += 1
         self._items[record.digest] = record
+        if holder is not None:
+            for digest in (record.digest, *(child for _, child in child_rows)):
+                self.grant(*holder, digest)
+
+    # -- which repository may have what -----------------------------------------------------
+
+    def granted(self, upstream: str, repository: str, digest: str) -> bool:
+        """Whether the upstream let this repository have `digest` (a set lookup: the hot path
+        asks it for every cached blob and manifest by digest)."""
+        return (upstream, repository, digest) in self._grants
+
+    def grant(self, upstream: str, repository: str, digest: str) -> None:
+        """Remember that the upstream lets this repository have `digest`. Kept while the
+        process runs (what was pulled through a repository is kept in the database as its
+        holdings, and read back at start)."""
+        self._grants.add((upstream, repository, digest))
 
     async def remove_item(self, digest: str) -> None:
         """Forget an item whose file was deleted; its tags, holdings and links go with it."""

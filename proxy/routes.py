@@ -259,7 +259,7 @@ class Routes:
             return web.Response(headers=headers)
         cache = request.app[CACHE]
         with cache.lease(digest):
-            found = cache.blob(target, digest)
+            found = await cache.blob(target, digest)
             if isinstance(found, LocalBlob):
                 request[CACHE_STATUS] = "hit"
                 span = parse_range(request.headers.get("Range"), found.size)  # 416: OCI JSON

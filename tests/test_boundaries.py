@@ -17,11 +17,12 @@ import pytest
 from yarl import URL
 
 from proxy.settings import UpstreamSettings, host_allowed, receives_credentials, registry_upstream
-from tests.conftest import StartProxy
+from tests.conftest import CREDS, StartProxy
 from tests.support import skopeo
 from tests.support.images import Image, push, write_layout
 from tests.support.registry import Registry
 from tests.support.standin import StandIn, blob_files
+from tests.support.wait import wait_for
 from tests.test_auth import basic, write_users
 from tests.test_pull import ACCEPT_ALL, assert_same_image, one_upstream
 
@@ -277,3 +278,48 @@ def test_blob_redirects_go_only_to_the_upstreams_hosts_without_credentials(
         # Another origin never gets the upstream's credentials, even one it may redirect to.
         assert UPSTREAM_BASIC in {auth for _, auth in registry.authorizations}
         assert {auth for _, auth in storage.authorizations} <= {None}
+
+
+def test_a_digest_alone_opens_no_other_repository(
+    tmp_path: Path, upstream: Registry, basic_upstream: Registry, start_proxy: StartProxy
+) -> None:
+    """What the cache fetched with one repository's credentials reaches a client through
+    another repository (or upstream) only once that upstream says the repository has it."""
+    image = write_layout(tmp_path / "layout", "v1", None, [50_000], seed=24)
+    push(image, basic_upstream.host, "private/app", creds=CREDS)
+    push(image, upstream.host, "public/copy")
+    user, password = CREDS.split(":")
+    proxy = start_proxy(
+        {
+            "upstreams": [
+                {
+                    "name": "priv.local",
+                    "url": basic_upstream.url,
+                    "username": user,
+                    "password": password,
+                },
+                {"name": "pub.local", "url": upstream.url},
+            ],
+            "default_upstream": "pub.local",
+        }
+    )
+    skopeo.copy(f"docker://{proxy.host}/priv.local/private/app:v1", f"dir:{tmp_path / 'pulled'}")
+    layer = image.layers[0]
+    wait_for(lambda: layer.removeprefix("sha256:") in blob_files(proxy.data), "the layer stored")
+
+    for name in ("pub.local/nobody/nothing", "priv.local/private/other", "nobody/nothing"):
+        for kind, digest, code in (
+            ("blobs", layer, "BLOB_UNKNOWN"),
+            ("manifests", image.digest, "MANIFEST_UNKNOWN"),
+        ):
+            for method in ("GET", "HEAD"):
+                status, _, body = proxy.get(f"/v2/{name}/{kind}/{digest}", method=method)
+                assert status == 404, (name, kind, method)
+                if method == "GET":
+                    assert json.loads(body)["errors"][0]["code"] == code
+
+    # A repository the other upstream does have gets the cached bytes, after one HEAD.
+    upstream.clear_requests()
+    status, _, body = proxy.get(f"/v2/pub.local/public/copy/blobs/{layer}")
+    assert (status, body) == (200, image.blob_bytes(layer))
+    assert upstream.blob_gets(layer) == 0

@@ -280,7 +280,7 @@ class CacheDestination:
             if index:
                 fetched += await self._fetch(child, (), progress)
                 continue
-            blob = self.cache.blob(self.target, child)
+            blob = await self.cache.blob(self.target, child)
             if isinstance(blob, LocalBlob):
                 continue
             size = descriptor.get("size")
