@@ -185,7 +185,8 @@ class Cache:
                 await self._confirm(target, digest, "manifests")
             self.metadata.touch(str(digest))
             return local
-        key = ("digest", target.upstream, digest)
+        # Per repository: a repository that joined another's fetch would get it unconfirmed.
+        key = ("digest", target.upstream, target.repository, digest)
         try:
             return await self._manifest_flights.do(
                 key, lambda: self._fetch_manifest(target, str(digest), ACCEPT_ALL, digest)
@@ -203,7 +204,7 @@ class Cache:
                 manifest = local
             elif current is not None:
                 # The repository's own HEAD named it: this repository has it.
-                self.metadata.grant(target.upstream, target.repository, str(current))
+                await self.metadata.hold(target.upstream, target.repository, str(current))
                 manifest = await self._manifest_by_digest(target, current)
             else:
                 manifest = await self._fetch_manifest(target, tag.value, ACCEPT_ALL)
@@ -211,6 +212,10 @@ class Cache:
             if local is not None and _stands_in(exc):
                 self._warn_stale(target.upstream, exc)
                 return local
+            if isinstance(exc, errors.UpstreamUnauthorized):
+                # The repository turned private (or our login lost it): what it was granted
+                # goes too, or it would still be served by digest.
+                await self.metadata.revoke(target.upstream, target.repository)
             raise upstream_failure(exc, errors.MANIFEST_UNKNOWN) from None
         await self._record_tag(target, tag, manifest)
         return manifest
@@ -424,7 +429,7 @@ class Cache:
                     size = response.content_length
             except UpstreamError as exc:
                 raise upstream_failure(exc, unknown) from None
-            self.metadata.grant(target.upstream, target.repository, str(digest))
+            await self.metadata.hold(target.upstream, target.repository, str(digest))
             return size
 
         key = (target.upstream, target.repository, digest)

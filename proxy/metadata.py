@@ -202,6 +202,17 @@ def set_aside_if_corrupt(path: Path) -> None:
     log.error("the metadata database is corrupt (%s): moved to %s, rebuilding", problem, aside)
 
 
+def _below(db: sqlite3.Connection, digest: str) -> list[str]:
+    """`digest` and every item it names, and they name, as far as the database knows."""
+    rows = db.execute(
+        "WITH RECURSIVE below (digest) AS ("
+        "  SELECT ? UNION SELECT child FROM children JOIN below ON parent = below.digest"
+        ") SELECT digest FROM below",
+        (digest,),
+    )
+    return [row[0] for row in rows]
+
+
 class Metadata:
     """The database, with in-memory copies of what the hot path reads."""
 
@@ -296,7 +307,7 @@ class Metadata:
         now = time.time()
         child_rows = [(record.digest, child) for child in children]
 
-        def insert(db: sqlite3.Connection) -> bool:
+        def insert(db: sqlite3.Connection) -> tuple[bool, list[str]]:
             added = db.execute(
                 "INSERT OR IGNORE INTO items"
                 " (digest, kind, size, media_type, stored_at, accessed_at)"
@@ -311,18 +322,18 @@ class Metadata:
                     (now, record.kind, record.media_type, record.digest),
                 )
             db.executemany("INSERT OR IGNORE INTO children VALUES (?, ?)", child_rows)
-            if holder is not None:
-                db.execute(
-                    "INSERT OR IGNORE INTO holdings VALUES (?, ?, ?)", (*holder, record.digest)
-                )
-            return bool(added)
+            if holder is None:
+                return bool(added), []
+            db.execute("INSERT OR IGNORE INTO holdings VALUES (?, ?, ?)", (*holder, record.digest))
+            return bool(added), _below(db, record.digest)
 
-        if await self._run(insert):
+        added, held = await self._run(insert)
+        if added:
             self.total_size += record.size
             self.total_items += 1
         self._items[record.digest] = record
         if holder is not None:
-            for digest in (record.digest, *(child for _, child in child_rows)):
+            for digest in {*held, *(child for _, child in child_rows)}:
                 self.grant(*holder, digest)
 
     # -- which repository may have what -----------------------------------------------------
@@ -333,10 +344,35 @@ class Metadata:
         return (upstream, repository, digest) in self._grants
 
     def grant(self, upstream: str, repository: str, digest: str) -> None:
-        """Remember that the upstream lets this repository have `digest`. Kept while the
-        process runs (what was pulled through a repository is kept in the database as its
-        holdings, and read back at start)."""
+        """Remember, while the process runs, that the upstream lets this repository have
+        `digest` (`hold` keeps it)."""
         self._grants.add((upstream, repository, digest))
+
+    async def hold(self, upstream: str, repository: str, digest: str) -> None:
+        """Let this repository have `digest` and everything it names, and keep that (as a
+        holding, read back at start) once the item is stored."""
+
+        def insert(db: sqlite3.Connection) -> list[str]:
+            db.execute(
+                "INSERT OR IGNORE INTO holdings SELECT ?, ?, ?"
+                " WHERE EXISTS (SELECT 1 FROM items WHERE digest = ?)",
+                (upstream, repository, digest, digest),
+            )
+            return _below(db, digest)
+
+        for held in await self._run(insert):
+            self.grant(upstream, repository, held)
+
+    async def revoke(self, upstream: str, repository: str) -> None:
+        """Take back everything granted to a repository (its upstream refused it)."""
+        self._grants = {grant for grant in self._grants if grant[:2] != (upstream, repository)}
+
+        def delete(db: sqlite3.Connection) -> None:
+            db.execute(
+                "DELETE FROM holdings WHERE upstream = ? AND repository = ?", (upstream, repository)
+            )
+
+        await self._run(delete)
 
     async def remove_item(self, digest: str) -> None:
         """Forget an item whose file was deleted; its tags, holdings and links go with it."""

@@ -87,7 +87,10 @@ def resolve_target(name: str, ns: str | None, settings: Settings) -> Target:
         upstream = DOCKER_HUB if ns in _DOCKER_HUB_NAMES else ns
         if upstream not in settings.upstreams:
             raise RegistryError(errors.NAME_UNKNOWN, f"upstream not configured: {ns[:100]}")
-        repository = rest if first == upstream else name
+        prefixed = first in (upstream, ns) or (
+            upstream == DOCKER_HUB and first in _DOCKER_HUB_NAMES
+        )
+        repository = rest if prefixed else name
     elif first in settings.upstreams:
         upstream, repository = first, rest
     elif looks_like_host(first):

@@ -323,3 +323,7 @@ def test_a_digest_alone_opens_no_other_repository(
     status, _, body = proxy.get(f"/v2/pub.local/public/copy/blobs/{layer}")
     assert (status, body) == (200, image.blob_bytes(layer))
     assert upstream.blob_gets(layer) == 0
+    # Pulled whole, its manifest there names the rest: no blob is fetched or asked about.
+    upstream.clear_requests()
+    skopeo.copy(f"docker://{proxy.host}/pub.local/public/copy:v1", f"dir:{tmp_path / 'copy'}")
+    assert [request for request in upstream.requests() if "/blobs/" in request[1]] == []
