@@ -327,3 +327,33 @@ def test_a_digest_alone_opens_no_other_repository(
     upstream.clear_requests()
     skopeo.copy(f"docker://{proxy.host}/pub.local/public/copy:v1", f"dir:{tmp_path / 'copy'}")
     assert [request for request in upstream.requests() if "/blobs/" in request[1]] == []
+
+
+def test_an_image_two_repositories_share_is_fetched_once_and_kept_for_both(
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
+) -> None:
+    """The second repository's index names what the first one fetched, all the way down: no
+    blob is asked about, and after a restart both are served with the upstream gone."""
+    image = write_layout(
+        tmp_path / "layout", "v1", [("linux", "amd64"), ("linux", "arm64")], [20_000], seed=25
+    )
+    push(image, upstream.host, "first/app")
+    push(image, upstream.host, "second/app")
+    proxy = start_proxy(one_upstream(upstream))
+    skopeo.copy(f"docker://{proxy.host}/test.local/first/app:v1", f"dir:{tmp_path / 'first'}")
+    stored = {digest.removeprefix("sha256:") for digest in image.blobs}
+    wait_for(lambda: stored <= blob_files(proxy.data), "the first pull stored")
+    upstream.clear_requests()
+    skopeo.copy(f"docker://{proxy.host}/test.local/second/app:v1", f"dir:{tmp_path / 'second'}")
+    assert [request for request in upstream.requests() if "/blobs/" in request[1]] == []
+
+    proxy.stop()
+    upstream.stop()
+    proxy.start()
+    for name in ("first", "second"):
+        copied = skopeo.copy(
+            f"docker://{proxy.host}/test.local/{name}/app:v1",
+            f"dir:{tmp_path / (name + '-offline')}",
+        )
+        assert copied.returncode == 0, name
+        assert_same_image(skopeo.read_dir_copy(tmp_path / (name + "-offline")), image)

@@ -191,6 +191,23 @@ def test_a_stale_tag_stands_in_only_while_the_upstream_errs(
     assert ("serving cached content" in proxy.log()) == (refusal is None)
 
 
+def test_a_repository_its_upstream_refuses_loses_what_it_was_granted(
+    image: Image, faulty: FaultyUpstream, start_proxy: StartProxy
+) -> None:
+    """A repository turned private is not served by digest either: what it pulled is asked
+    about again."""
+    proxy = start_proxy(one_upstream(faulty, manifest_ttl=0))
+    layer = image.layers[0]
+    assert proxy.get("/v2/test.local/faulty/app/manifests/v1")[0] == 200
+    assert proxy.get(blob_path(layer))[0] == 200
+    wait_for(lambda: layer.removeprefix("sha256:") in blob_files(proxy.data), "the layer stored")
+
+    faulty.statuses.extend([403] * 8)
+    assert proxy.get("/v2/test.local/faulty/app/manifests/v1")[0] == 403
+    status, _, body = proxy.get(blob_path(layer))
+    assert (status, json.loads(body)["errors"][0]["code"]) == (403, "DENIED")
+
+
 def test_redirect_to_a_failing_blob_store(
     image: Image, faulty: FaultyUpstream, start_proxy: StartProxy
 ) -> None:
