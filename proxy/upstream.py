@@ -330,9 +330,13 @@ class UpstreamClient:
         if scheme == "basic" and login is not None:
             self._basic_auth = True
         elif scheme == "bearer" and "realm" in params:
-            # The token we sent (if any) was refused, perhaps expired early: never reuse it.
-            self._tokens.discard(params.get("scope") or scope)
-            await self._refresh_token(params, params.get("scope") or scope, login)
+            challenged = params.get("scope") or scope
+            kept = self._tokens.get(challenged)
+            if kept is not None and authorization == f"Bearer {kept.value}":
+                # The token we sent was refused, perhaps expired early: never reuse it (one a
+                # concurrent request has just fetched instead is left alone).
+                self._tokens.discard(challenged)
+            await self._refresh_token(params, challenged, login)
         else:
             raise UpstreamUnauthorized(401, f"{self.settings.name} requires credentials we lack")
         authorization = self._authorization(url, params.get("scope") or scope, login)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +25,8 @@ from proxy.reference import Digest
 from proxy.upstream import RateLimit, UpstreamClient, next_page_query, read_body
 
 __all__ = ["Head", "Remote", "Throttle"]
+
+log = logging.getLogger(__name__)
 
 # Pages of a tag list followed at most: ten million tags at the usual thousand a page.
 _MAX_TAG_PAGES: Final = 10_000
@@ -173,22 +176,24 @@ class Remote:
 
     async def tags(self, repository: str) -> list[str]:
         """Every tag, following the `Link` to each next page as the registry wrote it (`last=`,
-        or Quay's opaque token); a page asked for twice ends the list."""
-        tags: list[str] = []
+        or Quay's opaque token); a page asked for twice, or that names no new tag, ends it."""
+        tags: dict[str, None] = {}
         query: str | None = "n=1000"
         asked: set[str] = set()
         for _ in range(_MAX_TAG_PAGES):
             if query is None or query in asked:
-                break
+                return list(tags)
             asked.add(query)
             params = dict(URL(f"?{query}").query)
             async with self._open("GET", "tags/list", repository, params=params) as response:
                 document = json.loads(await read_body(response, MAX_MANIFEST_SIZE))
                 link = response.headers.get("Link")
             listed = document.get("tags") if isinstance(document, dict) else None
-            tags += [tag for tag in listed or [] if isinstance(tag, str)]
-            query = next_page_query(link) if link and listed else None
-        return tags
+            known = len(tags)
+            tags.update(dict.fromkeys(tag for tag in listed or [] if isinstance(tag, str)))
+            query = next_page_query(link) if link and len(tags) > known else None
+        log.warning("%s: stopped after %d pages of tags", repository, _MAX_TAG_PAGES)
+        return list(tags)
 
     async def referrers(self, repository: str, digest: str) -> list[dict[str, object]] | None:
         """The OCI 1.1 referrers of `digest`, or None when the registry has no referrers API

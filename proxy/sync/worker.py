@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from proxy.errors import RegistryError, UpstreamError
+from proxy.errors import BlobVerificationError, RegistryError, UpstreamError
 from proxy.metadata import Metadata
 from proxy.metrics import Metrics
 
@@ -65,7 +65,12 @@ class EntryResult:
     def fail(self, reference: str, cause: Exception | str) -> None:
         message = f"{self.entry}: {reference}: {cause}"
         self.errors.append(message)
-        log.error("sync %s", message)
+        # A failure we did not foresee (a bug) also gets its traceback in the log.
+        foreseen = (UpstreamError, RegistryError, BlobVerificationError, ValueError, OSError)
+        unforeseen = (
+            cause if isinstance(cause, Exception) and not isinstance(cause, foreseen) else None
+        )
+        log.error("sync %s", message, exc_info=unforeseen)
 
 
 class Worker:
