@@ -13,7 +13,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -46,6 +46,8 @@ __all__ = ["Cache", "LocalBlob", "Page", "open_cache", "paginate"]
 
 log = logging.getLogger(__name__)
 
+# Tags and Accept sets whose variant (`Cache._variant`) is remembered.
+_VARIANTS_KEPT: Final = 4096
 # How often, at most, the cache says that it serves stale content for an unreachable upstream.
 _STALE_WARNING_INTERVAL: Final = 60.0
 
@@ -99,6 +101,10 @@ class Cache:
             on_join=metrics.coalesced.labels("manifest").inc
         )
         self._confirmations: SingleFlight[tuple[str, str, Digest], int | None] = SingleFlight()
+        # What the upstream picked for a tag and a narrow Accept (`_variant`), newest last.
+        self._variants: OrderedDict[tuple[str, str, str, tuple[str, ...]], TagRecord] = (
+            OrderedDict()
+        )
         self._stale_warned: dict[str, float] = {}
         self._leases: Counter[Digest] = Counter()
 
@@ -244,23 +250,40 @@ class Cache:
         """The manifest for a client that does not take the tag's own type (a client without
         lists asking for a multi-arch tag): the upstream is asked with just the types the
         client named, and picks, as registries do, a platform's manifest. Never recorded as
-        the tag, which stays what clients that take every type get."""
+        the tag, which stays what clients that take every type get; the pick is remembered
+        for the tag's TTL, and stands in while the upstream is down."""
         wanted = tuple(media_type for media_type in accept if media_type in ACCEPT_ALL)
-        if wanted:
-            key = ("variant", target.upstream, target.repository, tag.value, wanted)
-            try:
-                manifest = await self._manifest_flights.do(
-                    key, lambda: self._fetch_manifest(target, tag.value, wanted)
-                )
-            except UpstreamError as exc:
-                raise upstream_failure(exc, errors.MANIFEST_UNKNOWN) from None
-            if acceptable(manifest.media_type, accept):
-                self.metadata.touch(str(manifest.digest))
-                return manifest
-        raise RegistryError(
-            errors.MANIFEST_UNKNOWN,
-            f"{tag} is a {tagged.media_type}, which the request's Accept header does not take",
+        if not wanted:
+            raise RegistryError(
+                errors.MANIFEST_UNKNOWN,
+                f"{tag} is a {tagged.media_type}, which the request's Accept header does not take",
+            )
+        key = (target.upstream, target.repository, tag.value, wanted)
+        picked = self._variants.get(key)
+        kept = (
+            await self._local_manifest(Digest.parse(picked.digest)) if picked is not None else None
         )
+        ttl = self.upstreams[target.upstream].settings.manifest_ttl
+        try:
+            if kept is None or picked is None or time.time() - picked.checked_at >= ttl:
+                kept = await self._manifest_flights.do(
+                    ("variant", *key), lambda: self._fetch_manifest(target, tag.value, wanted)
+                )
+                self._variants[key] = TagRecord(str(kept.digest), time.time())
+                self._variants.move_to_end(key)
+                while len(self._variants) > _VARIANTS_KEPT:
+                    self._variants.popitem(last=False)
+        except UpstreamError as exc:
+            if kept is None or not _stands_in(exc):
+                raise upstream_failure(exc, errors.MANIFEST_UNKNOWN) from None
+            self._warn_stale(target.upstream, exc)
+        if not acceptable(kept.media_type, accept):
+            raise RegistryError(
+                errors.MANIFEST_UNKNOWN,
+                f"{tag} has no manifest of a type the request's Accept header takes",
+            )
+        self.metadata.touch(str(kept.digest))
+        return kept
 
     async def _head_manifest_digest(self, target: Target, tag: Tag) -> Digest | None:
         headers = {"Accept": ", ".join(ACCEPT_ALL)}

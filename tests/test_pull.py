@@ -465,6 +465,12 @@ def test_manifest_types_follow_the_clients_accept_without_moving_the_tag(
     status, head, _ = proxy.get(f"{base}/index/manifests/i", {"Accept": ACCEPT_ALL})
     assert (status, head["Docker-Content-Digest"]) == (200, multi.digest)
 
+    # What the upstream picked for the narrow client is kept for the tag's TTL: asked again,
+    # with the upstream gone, it is the same answer.
+    upstream.stop()
+    status, head, _ = proxy.get(f"{base}/list/manifests/l", {"Accept": DOCKER_MANIFEST})
+    assert (status, head["Docker-Content-Digest"]) == (200, docker_amd64)
+
 
 def test_containerds_ns_takes_repositories_whose_first_part_looks_like_a_host(
     tmp_path: Path, upstream: Registry, start_proxy: StartProxy
