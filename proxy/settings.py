@@ -102,7 +102,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True, slots=True)
 class RepositoryLogin:
     """Credentials for the repositories under `prefix` (a pull-secret key with a path, such as
-    `quay.io/myorg`)."""
+    `quay.io/myorg`; "" for the key of the host alone)."""
 
     prefix: str
     username: str
@@ -627,17 +627,7 @@ def _registry_name(text: str, key: str) -> str:
     return text
 
 
-@dataclass(frozen=True, slots=True)
-class _SecretLogin:
-    """One pull-secret key as a registry host, a repository path under it (or ""), a login."""
-
-    host: str
-    path: str
-    username: str
-    password: str = field(repr=False)
-
-
-def _read_pull_secret(path: Path) -> list[_SecretLogin]:
+def _read_pull_secret(path: Path) -> list[tuple[str, RepositoryLogin]]:
     """Logins from a `{"auths": {key: {"auth": base64(user:pass)}}}` file. Keys are read as
     podman's auth.json reads them: the scheme and trailing slashes dropped, a path after the
     host scoping the login to the repositories under it."""
@@ -676,7 +666,7 @@ def _read_pull_secret(path: Path) -> list[_SecretLogin]:
             sep = ":"
         if not sep or not user or not password:
             raise ConfigError(f"{key}: expected user:password credentials")
-        logins.append(_SecretLogin(host, path_under_host, user, password))
+        logins.append((host, RepositoryLogin(path_under_host, user, password)))
     return logins
 
 
@@ -692,20 +682,16 @@ def _secret_key(raw_key: str, key: str) -> tuple[str, str]:
 
 
 def _logins_by_host(
-    logins: list[_SecretLogin],
-) -> list[tuple[str, _SecretLogin | None, tuple[RepositoryLogin, ...]]]:
-    """Per host: its host-wide login if any, and its scoped ones, the most specific first."""
-    hosts = dict.fromkeys(login.host for login in logins)
+    logins: list[tuple[str, RepositoryLogin]],
+) -> list[tuple[str, RepositoryLogin | None, tuple[RepositoryLogin, ...]]]:
+    """Per host: its host-wide login (the one without a path) if any, and its scoped ones, the
+    most specific first."""
     grouped = []
-    for host in hosts:
-        own = [login for login in logins if login.host == host]
-        host_login = next((login for login in own if not login.path), None)
+    for host in dict.fromkeys(host for host, _ in logins):
+        own = [login for login_host, login in logins if login_host == host]
+        host_login = next((login for login in own if not login.prefix), None)
         scoped = sorted(
-            (
-                RepositoryLogin(login.path, login.username, login.password)
-                for login in own
-                if login.path
-            ),
+            (login for login in own if login.prefix),
             key=lambda login: login.prefix.count("/"),
             reverse=True,
         )
