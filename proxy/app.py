@@ -85,14 +85,14 @@ def oci_errors_counted(handler: Handler) -> Handler:
     return answer
 
 
-def _guards(settings: Settings) -> tuple[Guard, Guard]:
-    """The wrappers for routes behind client auth, and for those open to all (the probes).
-    Client auth comes inside `oci_errors_counted`, so that its 401 is OCI JSON and counted;
-    loading the htpasswd file here makes a bad one stop start-up."""
+def _guard(settings: Settings) -> Guard:
+    """The wrapper for routes behind client auth (when it is on; the probes take
+    `oci_errors_counted` alone). Client auth comes inside `oci_errors_counted`, so that its
+    401 is OCI JSON and counted; loading the htpasswd file here makes a bad one stop start-up."""
     if not settings.auth:
-        return oci_errors_counted, oci_errors_counted
+        return oci_errors_counted
     with_user = require_user(Authenticator(settings.auth))
-    return (lambda handler: oci_errors_counted(with_user(handler))), oci_errors_counted
+    return lambda handler: oci_errors_counted(with_user(handler))
 
 
 async def _unknown_path(request: web.Request) -> web.Response:
@@ -249,7 +249,7 @@ async def _background(
 
 def build_app(settings: Settings) -> web.Application:
     """The application; its resources are opened on startup and closed on cleanup."""
-    guarded, open_to_all = _guards(settings)
+    guarded = _guard(settings)
     # No middlewares: every route is wrapped instead (see oci_errors_counted).
     app = web.Application(client_max_size=1024**2)
     metrics = app[METRICS] = Metrics()
@@ -283,9 +283,10 @@ def build_app(settings: Settings) -> web.Application:
 
     app.cleanup_ctx.append(resources)
 
-    app.router.add_get("/healthz", open_to_all(health))
-    app.router.add_get("/readyz", open_to_all(ready))
-    metrics_guard = guarded if settings.auth and settings.auth.protect_metrics else open_to_all
+    app.router.add_get("/healthz", oci_errors_counted(health))
+    app.router.add_get("/readyz", oci_errors_counted(ready))
+    protected = settings.auth and settings.auth.protect_metrics
+    metrics_guard = guarded if protected else oci_errors_counted
     app.router.add_get("/metrics", metrics_guard(metrics_endpoint))
     Routes(settings).install(app, guarded)
     install_status(app, settings, metrics, guarded)

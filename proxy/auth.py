@@ -219,7 +219,8 @@ class Authenticator:
             # Nothing to check, so nothing guessed: no bcrypt, no count.
             raise self._challenge(None if header is None else "invalid username or password")
         user, password = credentials
-        hashed = self._users.current().hashes.get(user)
+        users = self._users.current()
+        hashed = users.hashes.get(user)
         # The key binds the stored hash too: a changed or removed entry is a miss.
         key = hmac.digest(
             self._secret, b"\0".join([user.encode(), password.encode(), hashed or b""]), "sha256"
@@ -235,17 +236,19 @@ class Authenticator:
             )
         valid = False
         try:
-            valid = await self._check(key, password, hashed)
+            valid = await self._check(key, password, hashed, users.decoy)
         finally:
             self.throttle.settle(address, failed=not valid)
         if not valid:
             raise self._challenge("invalid username or password")
         return user
 
-    async def _check(self, key: bytes, password: str, hashed: bytes | None) -> bool:
+    async def _check(
+        self, key: bytes, password: str, hashed: bytes | None, decoy: bytes | None
+    ) -> bool:
         """bcrypt's verdict on the pair `key` stands for, remembered when it is a yes; an
-        unknown user is checked against another user's hash, to take as long."""
-        against = hashed or self._users.current().decoy
+        unknown user is checked against another user's hash (`decoy`), to take as long."""
+        against = hashed or decoy
         if against is None:
             return False
         loop = asyncio.get_running_loop()

@@ -24,7 +24,7 @@ import aiohttp
 from . import errors
 from .errors import BlobVerificationError, RegistryError, UpstreamError, upstream_failure
 from .flight import CHUNK_SIZE, BlobDownload
-from .metadata import ItemRecord, Metadata
+from .metadata import ItemRecord, Metadata, sqlite_code
 from .reference import Digest, Target
 from .store import BlobStore
 from .upstream import UpstreamClient
@@ -45,8 +45,7 @@ def _disk_full(exc: BaseException) -> bool:
     """Whether a write failed for want of space, on the file system or in SQLite."""
     if isinstance(exc, OSError):
         return exc.errno in _DISK_FULL
-    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # errors SQLite itself raised carry one
-    return isinstance(exc, sqlite3.Error) and code == sqlite3.SQLITE_FULL
+    return sqlite_code(exc) == sqlite3.SQLITE_FULL
 
 
 class _Abandoned(Exception):

@@ -238,7 +238,8 @@ class Cache:
                 # The manifest was evicted since it was read (by the cleaner, or by `clean`
                 # in another process): kept again from the verified bytes in hand.
                 self.metadata.forget_cached(str(manifest.digest))
-                await self._keep_manifest(target, manifest)
+                _, children = read_manifest(manifest.data, manifest.media_type)
+                await self._keep_manifest(target, manifest, children)
                 await self.metadata.set_tag(*key, record)
         except (OSError, sqlite3.Error) as exc:
             where = f"{target.upstream}/{target.repository}:{tag}"
@@ -260,12 +261,13 @@ class Cache:
             )
         key = (target.upstream, target.repository, tag.value, wanted)
         picked = self._variants.get(key)
-        kept = (
-            await self._local_manifest(Digest.parse(picked.digest)) if picked is not None else None
-        )
         ttl = self.upstreams[target.upstream].settings.manifest_ttl
+        kept, fresh = None, False
+        if picked is not None:
+            kept = await self._local_manifest(Digest.parse(picked.digest))
+            fresh = time.time() - picked.checked_at < ttl
         try:
-            if kept is None or picked is None or time.time() - picked.checked_at >= ttl:
+            if kept is None or not fresh:
                 kept = await self._manifest_flights.do(
                     ("variant", *key), lambda: self._fetch_manifest(target, tag.value, wanted)
                 )
@@ -324,19 +326,18 @@ class Cache:
                 errors.MANIFEST_UNKNOWN, f"{reference}: the upstream has only a schema 1 manifest"
             )
         digest = self._verify_manifest(data, expected, header_digest)
-        media_type, _ = read_manifest(data, content_type)
+        media_type, children = read_manifest(data, content_type)
         manifest = Manifest(digest, media_type, data, fetched=True)
         try:
-            await self._keep_manifest(target, manifest)
+            await self._keep_manifest(target, manifest, children)
         except (OSError, sqlite3.Error) as exc:
             # A full disk: the cleaner makes room, and meanwhile pulls go on uncached.
             log.warning("serving manifest %s without caching it: %s", digest, exc)
         return manifest
 
-    async def _keep_manifest(self, target: Target, manifest: Manifest) -> None:
+    async def _keep_manifest(self, target: Target, manifest: Manifest, children: list[str]) -> None:
         """Store a verified manifest (unless it is already) and record it, with the blobs and
         manifests it names."""
-        _, children = read_manifest(manifest.data, manifest.media_type)
         new_file = self.store.size(manifest.digest) is None
         if new_file:
             await asyncio.to_thread(self.store.write, manifest.digest, manifest.data)

@@ -37,6 +37,7 @@ __all__ = [
     "TagRecord",
     "Usage",
     "set_aside_if_corrupt",
+    "sqlite_code",
 ]
 
 log = logging.getLogger(__name__)
@@ -171,17 +172,19 @@ def _like_prefix(prefix: str) -> str:
     return f"{escaped}/%" if escaped else "%"
 
 
+def sqlite_code(exc: BaseException) -> int:
+    """SQLite's primary result code for an error it raised (the low byte of the extended
+    code); 0 for anything else, such as the errors the sqlite3 module raises itself."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF
+
+
 def _corruption(path: Path) -> str | None:
     """What SQLite finds wrong with the database at `path`, or None when it is sound."""
     try:
         with contextlib.closing(sqlite3.connect(path)) as db:
             problems = [row[0] for row in db.execute("PRAGMA quick_check")]
     except sqlite3.DatabaseError as exc:
-        # The extended code's low byte is the primary one.
-        if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (
-            sqlite3.SQLITE_CORRUPT,
-            sqlite3.SQLITE_NOTADB,
-        ):
+        if sqlite_code(exc) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
             return str(exc)
         raise
     return None if problems == ["ok"] else "; ".join(problems)
@@ -200,6 +203,17 @@ def set_aside_if_corrupt(path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.replace(f"{path}{suffix}", f"{aside}{suffix}")
     log.error("the metadata database is corrupt (%s): moved to %s, rebuilding", problem, aside)
+
+
+def _hold(db: sqlite3.Connection, upstream: str, repository: str, digest: str) -> list[str]:
+    """Record that the repository holds `digest` (once it is stored); what it may therefore
+    have: `digest` and everything below it."""
+    db.execute(
+        "INSERT OR IGNORE INTO holdings SELECT ?, ?, ?"
+        " WHERE EXISTS (SELECT 1 FROM items WHERE digest = ?)",
+        (upstream, repository, digest, digest),
+    )
+    return _below(db, digest)
 
 
 def _below(db: sqlite3.Connection, digest: str) -> list[str]:
@@ -322,10 +336,7 @@ class Metadata:
                     (now, record.kind, record.media_type, record.digest),
                 )
             db.executemany("INSERT OR IGNORE INTO children VALUES (?, ?)", child_rows)
-            if holder is None:
-                return bool(added), []
-            db.execute("INSERT OR IGNORE INTO holdings VALUES (?, ?, ?)", (*holder, record.digest))
-            return bool(added), _below(db, record.digest)
+            return bool(added), [] if holder is None else _hold(db, *holder, record.digest)
 
         added, held = await self._run(insert)
         if added:
@@ -333,8 +344,7 @@ class Metadata:
             self.total_items += 1
         self._items[record.digest] = record
         if holder is not None:
-            for digest in {*held, *(child for _, child in child_rows)}:
-                self.grant(*holder, digest)
+            self._grants.update((*holder, digest) for digest in held)
 
     # -- which repository may have what -----------------------------------------------------
 
@@ -343,25 +353,12 @@ class Metadata:
         asks it for every cached blob and manifest by digest)."""
         return (upstream, repository, digest) in self._grants
 
-    def grant(self, upstream: str, repository: str, digest: str) -> None:
-        """Remember, while the process runs, that the upstream lets this repository have
-        `digest` (`hold` keeps it)."""
-        self._grants.add((upstream, repository, digest))
-
     async def hold(self, upstream: str, repository: str, digest: str) -> None:
         """Let this repository have `digest` and everything it names, and keep that (as a
         holding, read back at start) once the item is stored."""
 
-        def insert(db: sqlite3.Connection) -> list[str]:
-            db.execute(
-                "INSERT OR IGNORE INTO holdings SELECT ?, ?, ?"
-                " WHERE EXISTS (SELECT 1 FROM items WHERE digest = ?)",
-                (upstream, repository, digest, digest),
-            )
-            return _below(db, digest)
-
-        for held in await self._run(insert):
-            self.grant(upstream, repository, held)
+        held = await self._run(lambda db: _hold(db, upstream, repository, digest))
+        self._grants.update((upstream, repository, below) for below in held)
 
     async def revoke(self, upstream: str, repository: str) -> None:
         """Take back everything granted to a repository (its upstream refused it)."""

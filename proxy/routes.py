@@ -167,6 +167,12 @@ def _link(request: web.Request, next_query: str | None) -> dict[str, str]:
     return {"Link": f'<{link}>; rel="next"'}
 
 
+def _upstream_query(request: web.Request) -> dict[str, str]:
+    """The request's query as the upstream is to get it: without containerd's `ns`, which is
+    ours."""
+    return {key: value for key, value in request.query.items() if key != "ns"}
+
+
 def require_read(request: web.Request) -> None:
     """Refuse writes (this is a read-only cache) and methods the API does not have."""
     if request.method in _WRITE_METHODS:
@@ -329,7 +335,7 @@ class Routes:
             return web.json_response(
                 {"name": target.client_name, "tags": []}, headers=API_VERSION_HEADERS
             )
-        query = {key: value for key, value in request.query.items() if key != "ns"}
+        query = _upstream_query(request)
         page = await request.app[CACHE].tags(target, query, n)
         return web.json_response(
             {"name": target.client_name, "tags": page.items},
@@ -338,7 +344,7 @@ class Routes:
 
     async def referrers(self, request: web.Request, target: Target, digest: Digest) -> web.Response:
         """Passed through a page at a time: the upstream's next page is linked under our path."""
-        query = {key: value for key, value in request.query.items() if key != "ns"}
+        query = _upstream_query(request)
         page = await request.app[CACHE].referrers(target, digest, query)
         headers = {**API_VERSION_HEADERS, **page.headers, **_link(request, page.next_query)}
         return web.Response(body=page.body, headers=headers)

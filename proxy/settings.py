@@ -729,8 +729,7 @@ def receives_credentials(scheme: str, host: str, upstream: UpstreamSettings) -> 
     plain HTTP."""
     if scheme != "https" and urlsplit(upstream.url).scheme == "https":
         return False
-    host = _host_name(host)
-    return _above_or_at_api_host(host, upstream) or host in upstream.auth_hosts
+    return _own_host(_host_name(host), upstream)
 
 
 def host_allowed(host: str, upstream: UpstreamSettings) -> bool:
@@ -738,8 +737,12 @@ def host_allowed(host: str, upstream: UpstreamSettings) -> bool:
     host (or a domain above it) and token services exactly, or within one of its extra
     domains."""
     host = _host_name(host)
-    return (
-        _above_or_at_api_host(host, upstream)
-        or host in upstream.auth_hosts
-        or any(host == domain or host.endswith("." + domain) for domain in upstream.extra_hosts)
+    return _own_host(host, upstream) or any(
+        host == domain or host.endswith("." + domain) for domain in upstream.extra_hosts
     )
+
+
+def _own_host(host: str, upstream: UpstreamSettings) -> bool:
+    """Whether `host` is the upstream's own: its API host, a domain above it, or one of its
+    token services. Only these get its credentials."""
+    return _above_or_at_api_host(host, upstream) or host in upstream.auth_hosts

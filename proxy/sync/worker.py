@@ -21,7 +21,7 @@ from proxy.metrics import Metrics
 
 from .attached import Attachments
 from .config import Entry, SyncConfig
-from .copy import children, normalized_platform, platform_of
+from .copy import children, is_index
 from .endpoints import Endpoints
 from .filters import select
 from .progress import SILENT, Progress, labelled
@@ -203,10 +203,10 @@ class Worker:
         ):
             return head.digest
         index = await source.manifest(entry.source.repository, head.digest)
-        for descriptor in children(index, (entry.platform,)):
-            if platform_of(descriptor) == normalized_platform(entry.platform):
-                return str(descriptor["digest"])
-        raise ValueError(f"no {entry.platform} image in {head.digest}")
+        matching = children(index, (entry.platform,)) if is_index(index) else []
+        if not matching:
+            raise ValueError(f"no {entry.platform} image in {head.digest}")
+        return str(matching[0]["digest"])
 
     async def _acquire(self, entry: Entry, source: Remote, tag: str, head: Head) -> None:
         """Take a `parallel` slot once the source's rate limit allows a pull (regsync's gate:
