@@ -1,4 +1,12 @@
-"""Builds the aiohttp application: wires settings, store, metadata, upstreams and the cache."""
+"""The server's one request handler, and everything it needs while it runs: settings, store,
+metadata, upstreams, the cache and the background tasks.
+
+aiohttp's low-level server (`web.Server`) calls `Service.handle` for every request, which picks
+the handler from the path itself: a `web.Application` resolves a route through its router and
+builds a match info and a handler chain for every request, a sixth of what a bare aiohttp
+handler costs (docs/benchmarks.md). Each handler is wrapped once, when the service is built,
+with what every answer needs (`_counted`, and client auth when it is on).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,6 @@ from typing import Final
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.typedefs import Handler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
@@ -25,21 +32,23 @@ from .errors import RegistryError
 from .logs import access_lines, access_members
 from .metadata import DATABASE_FILE, Metadata, set_aside_if_corrupt
 from .metrics import Metrics
-from .routes import API_VERSION_HEADERS, CACHE, CACHE_STATUS, Guard, Routes, require_read
+from .pulls import PullCounter
+from .routes import API_VERSION_HEADERS, CACHE_STATUS, Routes, require_read
 from .send import client_gone
 from .settings import Settings
-from .status import SYNC_STATUS, install_status
+from .status import StatusCollector
 from .sync import service as sync_service
 from .sync.config import load_sync_config
 from .sync.endpoints import with_sync_logins
+from .typedefs import Guard, Handler
 
-__all__ = ["METRICS", "AccessLogger", "access_logger", "build_app"]
+__all__ = ["AccessLogger", "Service", "access_logger", "serving"]
 
 log = logging.getLogger(__name__)
 
-METRICS: Final = web.AppKey("metrics", Metrics)
 _ACCESS_FLUSH_INTERVAL: Final = 5.0
 _CLIENT_CLOSED_REQUEST: Final = 499
+_READ_METHODS: Final = frozenset({"GET", "HEAD"})
 
 
 def _error_response(error: RegistryError) -> web.Response:
@@ -51,51 +60,47 @@ def _error_response(error: RegistryError) -> web.Response:
     )
 
 
-def oci_errors_counted(handler: Handler) -> Handler:
+def _counted(metrics: Metrics) -> Guard:
     """A route wrapper: every error leaves as the OCI `{"errors": [...]}` JSON with its status
-    (no tracebacks), and every answer is counted by route, method and status.
+    (no tracebacks), and every answer is counted by route, method and status."""
 
-    A wrapper given to each route, not a middleware: aiohttp runs middlewares through a chain
-    it builds per request, with a layer of its own, which was 5% of a cached manifest's
-    instructions (docs/benchmarks.md)."""
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def answer(request: web.BaseRequest) -> web.StreamResponse:
+            try:
+                response = await handler(request)
+            except RegistryError as exc:
+                response = _error_response(exc)
+            except Exception as exc:
+                if isinstance(exc, ConnectionError) and client_gone(request):
+                    # The client went away mid-answer (a cancelled pull): nothing to report.
+                    # aiohttp closes the connection when this answer cannot be written; the
+                    # access log and the request counts say 499, as nginx does for a client
+                    # that closed its request.
+                    response = web.Response(status=_CLIENT_CLOSED_REQUEST)
+                else:
+                    log.exception("unexpected error serving %s %s", request.method, request.path)
+                    response = _error_response(
+                        RegistryError(errors.UNAVAILABLE, "internal error", status=500)
+                    )
+            metrics.requests.inc(_route_label(request.path), request.method, str(response.status))
+            return response
 
-    @functools.wraps(handler)
-    async def answer(request: web.Request) -> web.StreamResponse:
-        try:
-            response = await handler(request)
-        except RegistryError as exc:
-            response = _error_response(exc)
-        except Exception as exc:
-            if isinstance(exc, ConnectionError) and client_gone(request):
-                # The client went away mid-answer (a cancelled pull): nothing to report.
-                # aiohttp closes the connection when this answer cannot be written; the access
-                # log and the request counts say 499, as nginx does for a client that closed
-                # its request.
-                response = web.Response(status=_CLIENT_CLOSED_REQUEST)
-            else:
-                log.exception("unexpected error serving %s %s", request.method, request.path)
-                response = _error_response(
-                    RegistryError(errors.UNAVAILABLE, "internal error", status=500)
-                )
-        request.app[METRICS].requests.inc(
-            _route_label(request.path), request.method, str(response.status)
-        )
-        return response
+        return answer
 
-    return answer
+    return wrap
 
 
-def _guard(settings: Settings) -> Guard:
-    """The wrapper for routes behind client auth (when it is on; the probes take
-    `oci_errors_counted` alone). Client auth comes inside `oci_errors_counted`, so that its
-    401 is OCI JSON and counted; loading the htpasswd file here makes a bad one stop start-up."""
-    if not settings.auth:
-        return oci_errors_counted
-    with_user = require_user(Authenticator(settings.auth))
-    return lambda handler: oci_errors_counted(with_user(handler))
+def _with_auth(authenticator: Authenticator | None, counted: Guard) -> Guard:
+    """The wrapper for routes behind client auth, when it is on (the probes take `counted`
+    alone). Client auth comes inside `counted`, so that its 401 is OCI JSON and counted."""
+    if authenticator is None:
+        return counted
+    with_user = require_user(authenticator)
+    return lambda handler: counted(with_user(handler))
 
 
-async def _unknown_path(request: web.Request) -> web.Response:
+async def _unknown_path(request: web.BaseRequest) -> web.Response:
     """What no route answers: a write is refused as such, anything else is not found."""
     require_read(request)
     raise RegistryError(errors.NAME_UNKNOWN, "not found", status=404)
@@ -152,20 +157,6 @@ def _bytes_sent(request: BaseRequest, response: StreamResponse) -> int:
     return response.body_length
 
 
-async def health(request: web.Request) -> web.Response:
-    """The process is alive; never behind client auth."""
-    return web.json_response({"status": "ok"})
-
-
-async def ready(request: web.Request) -> web.Response:
-    """Storage writable and database open; never behind client auth."""
-    problems = await request.app[CACHE].readiness_problems()
-    return web.json_response(
-        {"status": "degraded" if problems else "ok", "problems": problems},
-        status=503 if problems else 200,
-    )
-
-
 @functools.lru_cache(maxsize=1024)
 def _route_label(path: str) -> str:
     """A low-cardinality name for what a request asked for (memoised: clients repeat paths)."""
@@ -177,10 +168,6 @@ def _route_label(path: str) -> str:
     if path.endswith("/tags/list"):
         return "tags"
     return "catalog" if path == "/v2/_catalog" else "base" if path in ("/v2", "/v2/") else "other"
-
-
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[METRICS].render(), content_type="text/plain")
 
 
 async def _flush_access_times(metadata: Metadata) -> None:
@@ -247,31 +234,91 @@ async def _background(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def build_app(settings: Settings) -> web.Application:
-    """The application; its resources are opened on startup and closed on cleanup."""
-    guarded = _guard(settings)
-    # No middlewares: every route is wrapped instead (see oci_errors_counted).
-    app = web.Application(client_max_size=1024**2)
-    metrics = app[METRICS] = Metrics()
-    metrics.max_size.set(settings.cleaner.max_size)
-    metrics.high_water.set(settings.cleaner.high_water_mark)
-    # Loaded now, so that a bad sync file stops start-up like a bad main configuration.
+class Service:
+    """Answers every request: by its path, with a handler wrapped once, here."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        authenticator: Authenticator | None,
+        cache: Cache,
+        metrics: Metrics,
+        sync: sync_service.SyncBoard | None,
+    ) -> None:
+        self.cache = cache
+        self.metrics = metrics
+        counted = _counted(metrics)
+        guarded = _with_auth(authenticator, counted)
+        routes = Routes(settings, cache, PullCounter())
+        self.status = StatusCollector(
+            settings, metrics, cache, routes.pulls, sync.entries if sync else None
+        )
+        protected = settings.auth is not None and settings.auth.protect_metrics
+        base = guarded(routes.base)
+        page = guarded(self.status.page)
+        self._below_v2 = guarded(routes.dispatch)
+        self._unknown = guarded(_unknown_path)
+        self._reads: dict[str, Handler] = {
+            "/healthz": counted(self.health),
+            "/readyz": counted(self.ready),
+            "/metrics": (guarded if protected else counted)(self.metrics_text),
+            "/v2": base,
+            "/v2/": base,
+            "/": page,
+            "/status": page,
+            "/status.json": guarded(self.status.json),
+        }
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Nearly every request is for a path below /v2/; the others have a path each, for
+        reading (anything else, writes included, is refused by `_unknown_path`)."""
+        path = request.path
+        if path.startswith("/v2/") and len(path) > 4:
+            return await self._below_v2(request)
+        if request.method in _READ_METHODS:
+            return await self._reads.get(path, self._unknown)(request)
+        return await self._unknown(request)
+
+    async def health(self, request: web.BaseRequest) -> web.Response:
+        """The process is alive; never behind client auth."""
+        return web.json_response({"status": "ok"})
+
+    async def ready(self, request: web.BaseRequest) -> web.Response:
+        """Storage writable and database open; never behind client auth."""
+        problems = await self.cache.readiness_problems()
+        return web.json_response(
+            {"status": "degraded" if problems else "ok", "problems": problems},
+            status=503 if problems else 200,
+        )
+
+    async def metrics_text(self, request: web.BaseRequest) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain")
+
+
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[Service]:
+    """The service, with its resources open and its background tasks running, until the
+    server that calls it has stopped."""
+    # Loaded first, so that a bad htpasswd or sync file stops start-up like a bad main
+    # configuration, before anything is opened.
+    authenticator = Authenticator(settings.auth) if settings.auth else None
     sync = None
     if settings.sync_config:
         sync = sync_service.SyncBoard(load_sync_config(settings.sync_config))
-        app[SYNC_STATUS] = sync.entries
-
-    async def resources(app: web.Application) -> AsyncIterator[None]:
-        # A corrupt database would stop every start: a fresh one is rebuilt from the store
-        # (the reconciliation adopts every file that verifies).
-        database = settings.storage_root.resolve() / DATABASE_FILE
-        await asyncio.to_thread(set_aside_if_corrupt, database)
-        # Sync entries into the cache fetch through its clients, with the sync file's logins.
-        cache_settings = settings if sync is None else with_sync_logins(settings, sync.config)
-        async with open_cache(cache_settings, metrics) as cache:
-            await reconcile(cache.store, cache.metadata)
-            async with _background(settings, sync, cache, metrics):
-                app[CACHE] = cache
+    metrics = Metrics()
+    metrics.max_size.set(settings.cleaner.max_size)
+    metrics.high_water.set(settings.cleaner.high_water_mark)
+    # A corrupt database would stop every start: a fresh one is rebuilt from the store (the
+    # reconciliation adopts every file that verifies).
+    database = settings.storage_root.resolve() / DATABASE_FILE
+    await asyncio.to_thread(set_aside_if_corrupt, database)
+    # Sync entries into the cache fetch through its clients, with the sync file's logins.
+    cache_settings = settings if sync is None else with_sync_logins(settings, sync.config)
+    async with open_cache(cache_settings, metrics) as cache:
+        await reconcile(cache.store, cache.metadata)
+        async with _background(settings, sync, cache, metrics):
+            service = Service(settings, authenticator, cache, metrics, sync)
+            async with service.status.sampling():
                 _watch(metrics, cache)
                 log.info(
                     "serving upstreams %s (default %s), data in %s",
@@ -279,17 +326,4 @@ def build_app(settings: Settings) -> web.Application:
                     settings.default_upstream,
                     cache.store.root,
                 )
-                yield
-
-    app.cleanup_ctx.append(resources)
-
-    app.router.add_get("/healthz", oci_errors_counted(health))
-    app.router.add_get("/readyz", oci_errors_counted(ready))
-    protected = settings.auth and settings.auth.protect_metrics
-    metrics_guard = guarded if protected else oci_errors_counted
-    app.router.add_get("/metrics", metrics_guard(metrics_endpoint))
-    Routes(settings).install(app, guarded)
-    install_status(app, settings, metrics, guarded)
-    # Last: aiohttp tries it after every other route, and answers what none of them takes.
-    app.router.add_route("*", "/{path:.*}", guarded(_unknown_path))
-    return app
+                yield service

@@ -23,19 +23,19 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import bcrypt
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from . import errors
 from .errors import RegistryError
 from .flight import SingleFlight
 from .settings import AuthSettings, ConfigError
+from .typedefs import Guard, Handler
 from .watch import WatchedFiles
 
 __all__ = ["AUTH_USER", "Authenticator", "read_htpasswd", "require_user"]
@@ -266,13 +266,13 @@ class Authenticator:
         return True
 
 
-def require_user(authenticator: Authenticator) -> Callable[[Handler], Handler]:
+def require_user(authenticator: Authenticator) -> Guard:
     """A route wrapper that asks for credentials (the probes, and /metrics with
     `auth.protect_metrics: false`, are registered without it)."""
 
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
-        async def with_user(request: web.Request) -> web.StreamResponse:
+        async def with_user(request: web.BaseRequest) -> web.StreamResponse:
             request[AUTH_USER] = await authenticator.authenticate(
                 request.headers.get("Authorization"), request.remote or ""
             )

@@ -16,7 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from . import admin, health, logs
-from .app import access_logger, build_app
+from .app import access_logger, serving
 from .limits import ConnectionLimiter
 from .settings import ConfigError, Settings, load_settings, parse_size
 from .sync import run as sync_run
@@ -91,29 +91,31 @@ async def _run_server(settings: Settings, ssl_context: ssl.SSLContext | None) ->
     """Serve until SIGTERM or SIGINT, then stop accepting and let running transfers finish,
     up to the drain timeout. (web.run_app does the same, but hides the server we need to
     hook the per-address connection cap into.)"""
-    runner = web.AppRunner(
-        build_app(settings),
-        access_log_class=access_logger(settings),
-        access_log=logging.getLogger(logs.ACCESS_LOGGER) if settings.access_log else None,
-        keepalive_timeout=settings.idle_timeout,
-        shutdown_timeout=settings.drain_timeout,
-    )
-    await runner.setup()
-    assert runner.server is not None
-    ConnectionLimiter(settings.max_connections_per_address).install(runner.server)
-    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop.set)
     try:
-        await site.start()
-        _freeze_startup_objects()
-        log.info("serving on %s", site.name)
-        await stop.wait()
-        log.info("stopping: draining transfers for up to %.0fs", settings.drain_timeout)
+        async with serving(settings) as service:
+            server = web.Server(
+                service.handle,
+                access_log_class=access_logger(settings),
+                access_log=logging.getLogger(logs.ACCESS_LOGGER) if settings.access_log else None,
+                keepalive_timeout=settings.idle_timeout,
+            )
+            ConnectionLimiter(settings.max_connections_per_address).install(server)
+            runner = web.ServerRunner(server, shutdown_timeout=settings.drain_timeout)
+            await runner.setup()
+            try:
+                site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
+                await site.start()
+                _freeze_startup_objects()
+                log.info("serving on %s", site.name)
+                await stop.wait()
+                log.info("stopping: draining transfers for up to %.0fs", settings.drain_timeout)
+            finally:
+                await runner.cleanup()
     finally:
-        await runner.cleanup()
         logs.access_lines().flush()
 
 

@@ -1,7 +1,7 @@
 """Errors, on both sides of the proxy.
 
 Client-facing errors carry an OCI error code and its HTTP status; one route wrapper
-(`proxy.app.oci_errors_counted`) turns them into the `{"errors": [...]}` envelope
+(`proxy.app`'s `_counted` wrapper) turns them into the `{"errors": [...]}` envelope
 (distribution-spec, "Error Codes")::
 
     RegistryError            what a client sees: code + status + detail

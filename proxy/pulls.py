@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Final
 
-from aiohttp import web
-
-__all__ = ["PULLS", "PullCounter", "Pulls"]
+__all__ = ["PullCounter", "Pulls"]
 
 
 @dataclass(slots=True)
@@ -44,6 +41,3 @@ class PullCounter:
         """The `n` most pulled, most recently pulled first among equals."""
         ranked = sorted(self._by_repository.values(), key=lambda p: (p.count, p.last_at))
         return ranked[::-1][:n]
-
-
-PULLS: Final = web.AppKey("pulls", PullCounter)

@@ -1,8 +1,8 @@
 """The pull side of the distribution API: parse a /v2/ path into a typed request, call the cache.
 
-aiohttp's `{name:regex}` routes cannot split a name that contains slashes from what follows,
-so one catch-all route parses the path here, from the right, as the spec says: the last
-`/manifests/`, `/blobs/`, `/referrers/` or `/tags/list` separates the name from the reference.
+A route pattern cannot split a name that contains slashes from what follows, so the path is
+parsed here, from the right, as the spec says: the last `/manifests/`, `/blobs/`, `/referrers/`
+or `/tags/list` separates the name from the reference.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ import contextlib
 import functools
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from yarl import URL
 
 from . import errors
@@ -25,16 +24,15 @@ from .cache import Cache, LocalBlob, Page
 from .errors import RegistryError
 from .flight import BlobDownload
 from .manifest import parse_accept
-from .pulls import PULLS, PullCounter
+from .pulls import PullCounter
 from .reference import Digest, Tag, Target, looks_like_host, validate_repository
 from .send import BlobSender, blob_response, send_growing
 from .settings import DOCKER_HUB, Settings
+from .typedefs import Handler
 
 __all__ = [
     "API_VERSION_HEADERS",
-    "CACHE",
     "CACHE_STATUS",
-    "Guard",
     "Routes",
     "parse_range",
     "require_read",
@@ -45,13 +43,10 @@ log = logging.getLogger(__name__)
 
 API_VERSION_HEADERS: Final = {"Docker-Distribution-Api-Version": "registry/2.0"}
 CACHE_STATUS: Final = "cache_status"
-CACHE: Final = web.AppKey("cache", Cache)
 _WRITE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _READ_METHODS: Final = frozenset({"GET", "HEAD"})
 _DOCKER_HUB_NAMES: Final = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
 _ROUTE_MEMO_SIZE: Final = 1024
-Guard = Callable[[Handler], Handler]
-"""Wraps a route's handler with what every answer needs (`proxy.app.oci_errors_counted`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +150,7 @@ def _page_number(query: Mapping[str, str]) -> int | None:
     return int(text)
 
 
-def _link(request: web.Request, next_query: str | None) -> dict[str, str]:
+def _link(request: web.BaseRequest, next_query: str | None) -> dict[str, str]:
     """The RFC 5988 `Link` to the next page, if there is one, under our path; it keeps
     containerd's `ns`, which chose the upstream of the first page."""
     if next_query is None:
@@ -167,13 +162,13 @@ def _link(request: web.Request, next_query: str | None) -> dict[str, str]:
     return {"Link": f'<{link}>; rel="next"'}
 
 
-def _upstream_query(request: web.Request) -> dict[str, str]:
+def _upstream_query(request: web.BaseRequest) -> dict[str, str]:
     """The request's query as the upstream is to get it: without containerd's `ns`, which is
     ours."""
     return {key: value for key, value in request.query.items() if key != "ns"}
 
 
-def require_read(request: web.Request) -> None:
+def require_read(request: web.BaseRequest) -> None:
     """Refuse writes (this is a read-only cache) and methods the API does not have."""
     if request.method in _WRITE_METHODS:
         raise RegistryError(errors.UNSUPPORTED, "this registry is a read-only cache")
@@ -195,27 +190,22 @@ def _manifest_headers(digest: Digest, media_type: str) -> Mapping[str, str]:
 class Routes:
     """Thin handlers: parse, call the cache, shape the response."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, cache: Cache, pulls: PullCounter) -> None:
         self.settings = settings
+        self.cache = cache
+        self.pulls = pulls
         self._route = functools.lru_cache(maxsize=_ROUTE_MEMO_SIZE)(self._parse_route)
         self._sender = BlobSender()
 
-    def install(self, app: web.Application, guard: Guard) -> None:
-        app[PULLS] = PullCounter()
-        # The catch-all first: aiohttp tries the routes that share the /v2 prefix in the order
-        # they were added, and nearly every request is for a path below /v2/.
-        app.router.add_route("*", "/v2/{path:.+}", guard(self.dispatch))
-        base = guard(self.base)
-        app.router.add_route("*", "/v2", base)
-        app.router.add_route("*", "/v2/", base)
-
-    async def base(self, request: web.Request) -> web.Response:
+    async def base(self, request: web.BaseRequest) -> web.Response:
+        """`/v2/`: the API version check clients make first."""
         require_read(request)
         return web.json_response({}, headers=API_VERSION_HEADERS)
 
-    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+    async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        """A path below `/v2/`."""
         require_read(request)
-        handler = self._route(request.match_info["path"], request.query.get("ns"))
+        handler = self._route(request.path.removeprefix("/v2/"), request.query.get("ns"))
         return await handler(request)
 
     def _parse_route(self, path: str, ns: str | None) -> Handler:
@@ -240,19 +230,19 @@ class Routes:
         return functools.partial(self.referrers, target=target, digest=digest)
 
     async def manifest(
-        self, request: web.Request, target: Target, reference: Tag | Digest
+        self, request: web.BaseRequest, target: Target, reference: Tag | Digest
     ) -> web.Response:
         accept = parse_accept(tuple(request.headers.getall("Accept", ())))
-        manifest = await request.app[CACHE].manifest(target, reference, accept)
+        manifest = await self.cache.manifest(target, reference, accept)
         if request.method == "GET":
-            request.app[PULLS].record(target.upstream, target.repository)
+            self.pulls.record(target.upstream, target.repository)
         request[CACHE_STATUS] = "miss" if manifest.fetched else "hit"
         return web.Response(
             body=manifest.data, headers=_manifest_headers(manifest.digest, manifest.media_type)
         )
 
     async def blob(
-        self, request: web.Request, target: Target, digest: Digest
+        self, request: web.BaseRequest, target: Target, digest: Digest
     ) -> web.StreamResponse:
         headers = {
             **API_VERSION_HEADERS,
@@ -262,11 +252,11 @@ class Routes:
             "ETag": f'"{digest}"',
         }
         if request.method == "HEAD":
-            size = await request.app[CACHE].blob_size(target, digest)
+            size = await self.cache.blob_size(target, digest)
             if size is not None:
                 headers["Content-Length"] = str(size)
             return web.Response(headers=headers)
-        cache = request.app[CACHE]
+        cache = self.cache
         with cache.lease(digest):
             found = await cache.blob(target, digest)
             if isinstance(found, LocalBlob):
@@ -284,7 +274,7 @@ class Routes:
 
     async def _stream_download(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         download: BlobDownload | DirectTransfer,
         headers: dict[str, str],
     ) -> web.StreamResponse:
@@ -299,7 +289,7 @@ class Routes:
 
     async def _send_download(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         download: BlobDownload | DirectTransfer,
         headers: dict[str, str],
     ) -> web.StreamResponse:
@@ -308,7 +298,7 @@ class Routes:
         response = blob_response(headers, span, size)
         start, end = span or (0, size)
         await response.prepare(request)
-        served = request.app[CACHE].metrics.bytes_served.labels("upstream")
+        served = self.cache.metrics.bytes_served.labels("upstream")
         try:
             if isinstance(download, BlobDownload) and not request.secure:
                 await send_growing(request, download, (start, end), served.inc)
@@ -325,33 +315,35 @@ class Routes:
                 request.transport.abort()
             return response
         # A client that goes away raises ConnectionError (a 499 in the access log, from
-        # oci_errors_counted); the download goes on for the others and the cache.
+        # the `_counted` wrapper in proxy.app); the download goes on for the others and the cache.
         await response.write_eof()
         return response
 
-    async def tags(self, request: web.Request, target: Target) -> web.Response:
+    async def tags(self, request: web.BaseRequest, target: Target) -> web.Response:
         n = _page_number(request.query)
         if n == 0:
             return web.json_response(
                 {"name": target.client_name, "tags": []}, headers=API_VERSION_HEADERS
             )
         query = _upstream_query(request)
-        page = await request.app[CACHE].tags(target, query, n)
+        page = await self.cache.tags(target, query, n)
         return web.json_response(
             {"name": target.client_name, "tags": page.items},
             headers={**API_VERSION_HEADERS, **_link(request, page.next_query)},
         )
 
-    async def referrers(self, request: web.Request, target: Target, digest: Digest) -> web.Response:
+    async def referrers(
+        self, request: web.BaseRequest, target: Target, digest: Digest
+    ) -> web.Response:
         """Passed through a page at a time: the upstream's next page is linked under our path."""
         query = _upstream_query(request)
-        page = await request.app[CACHE].referrers(target, digest, query)
+        page = await self.cache.referrers(target, digest, query)
         headers = {**API_VERSION_HEADERS, **page.headers, **_link(request, page.next_query)}
         return web.Response(body=page.body, headers=headers)
 
-    async def catalog(self, request: web.Request) -> web.Response:
+    async def catalog(self, request: web.BaseRequest) -> web.Response:
         n = _page_number(request.query)
-        page = await request.app[CACHE].catalog(n, request.query.get("last"))
+        page = await self.cache.catalog(n, request.query.get("last"))
         if n == 0:
             page = Page([], None)
         return web.Response(

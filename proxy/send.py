@@ -40,7 +40,7 @@ class BlobSender:
 
     async def send(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         path: Path,
         digest: Digest,
         span: tuple[int, int] | None,
@@ -88,7 +88,7 @@ class BlobSender:
 
 
 async def send_growing(
-    request: web.Request,
+    request: web.BaseRequest,
     download: BlobDownload,
     span: tuple[int, int | None],
     count_bytes: Callable[[int], None],
@@ -126,12 +126,12 @@ def _none_match(header: str | None, etag: str) -> bool:
     return etag in listed or "*" in listed
 
 
-def client_gone(request: web.Request) -> bool:
+def client_gone(request: web.BaseRequest) -> bool:
     """Whether the client's connection is closed or closing: nothing more reaches it."""
     return request.transport is None or request.transport.is_closing()
 
 
-async def _sendfile(request: web.Request, file: BinaryIO, start: int, end: int) -> None:
+async def _sendfile(request: web.BaseRequest, file: BinaryIO, start: int, end: int) -> None:
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the client went away")

@@ -12,20 +12,21 @@ import dataclasses
 import importlib.metadata
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final, TypedDict
 
 from aiohttp import web
 from yarl import URL
 
+from .cache import Cache
 from .metrics import Metrics, counter_total, counter_values
-from .pulls import PULLS
-from .routes import CACHE, Guard
+from .pulls import PullCounter
 from .settings import Settings
 from .status_page import render
 from .traffic import SAMPLE_EVERY, Traffic, TrafficHistory
 
-__all__ = ["SYNC_STATUS", "Status", "StatusCollector", "SyncEntryStatus", "install_status"]
+__all__ = ["Status", "StatusCollector", "SyncEntryStatus", "SyncStatusProvider"]
 
 _TOP_REPOSITORIES: Final = 10
 # The page is self-contained: no script, no request anywhere but inline styles and images.
@@ -42,9 +43,7 @@ class SyncEntryStatus(TypedDict):
 
 
 SyncStatusProvider = Callable[[], list[SyncEntryStatus]]
-SYNC_STATUS: Final = web.AppKey[SyncStatusProvider]("sync_status")
-"""Set by `build_app` when a sync file is configured (`proxy.sync.service.SyncBoard`);
-without it the page says that no sync is configured."""
+"""The sync worker's entries (`proxy.sync.service.SyncBoard`), when a sync file is configured."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,15 +161,25 @@ def _public_url(url: str) -> str:
 class StatusCollector:
     """Builds a `Status` on demand and keeps the traffic history it needs."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        cache: Cache,
+        pulls: PullCounter,
+        sync_entries: SyncStatusProvider | None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.cache = cache
+        self.pulls = pulls
+        self.sync_entries = sync_entries
         self.history = TrafficHistory(metrics)
         self.started_at = time.time()
         self.version = _version()
 
-    async def collect(self, app: web.Application) -> Status:
-        cache = app[CACHE]
+    async def collect(self) -> Status:
+        cache = self.cache
         window = self.history.window()
         return Status(
             version=self.version,
@@ -190,13 +199,13 @@ class StatusCollector:
                 SAMPLE_EVERY,
                 [TrafficTotals.of(interval) for interval in window.intervals],
             ),
-            upstreams=self._upstreams(app),
-            repositories=await self._repositories(app),
-            sync=app[SYNC_STATUS]() if SYNC_STATUS in app else None,
+            upstreams=self._upstreams(),
+            repositories=await self._repositories(),
+            sync=self.sync_entries() if self.sync_entries else None,
             config=_config_summary(self.settings),
         )
 
-    def _upstreams(self, app: web.Application) -> list[UpstreamStatus]:
+    def _upstreams(self) -> list[UpstreamStatus]:
         requests: dict[str, int] = {}
         errors: dict[str, int] = {}
         for (name, status), count in counter_values(self.metrics.upstream_requests).items():
@@ -204,7 +213,7 @@ class StatusCollector:
             if status == "error" or int(status) >= 500:
                 errors[name] = errors.get(name, 0) + int(count)
         result = []
-        for name, client in sorted(app[CACHE].upstreams.items()):
+        for name, client in sorted(self.cache.upstreams.items()):
             seen = client.reachability
             rate = client.rate_limit
             result.append(
@@ -224,11 +233,11 @@ class StatusCollector:
             )
         return result
 
-    async def _repositories(self, app: web.Application) -> list[RepositoryStatus]:
-        top = app[PULLS].top(_TOP_REPOSITORIES)
+    async def _repositories(self) -> list[RepositoryStatus]:
+        top = self.pulls.top(_TOP_REPOSITORIES)
         if not top:
             return []
-        sizes = {usage.name: usage.size for usage in await app[CACHE].metadata.repository_usage()}
+        sizes = {usage.name: usage.size for usage in await self.cache.metadata.repository_usage()}
         return [
             RepositoryStatus(
                 p.upstream,
@@ -240,36 +249,27 @@ class StatusCollector:
             for p in top
         ]
 
-    async def page(self, request: web.Request) -> web.Response:
-        status = await self.collect(request.app)
+    async def page(self, request: web.BaseRequest) -> web.Response:
+        status = await self.collect()
         return web.Response(
             text=render(status),
             content_type="text/html",
             headers={"Content-Security-Policy": _CSP, "Cache-Control": "no-store"},
         )
 
-    async def json(self, request: web.Request) -> web.Response:
-        status = await self.collect(request.app)
+    async def json(self, request: web.BaseRequest) -> web.Response:
+        status = await self.collect()
         return web.json_response(
             {**dataclasses.asdict(status), "uptime_seconds": status.uptime},
             headers={"Cache-Control": "no-store"},
         )
 
-    async def sample_traffic(self, app: web.Application) -> AsyncIterator[None]:
-        """A cleanup context: the sampling task lives as long as the application."""
+    @asynccontextmanager
+    async def sampling(self) -> AsyncIterator[None]:
+        """The traffic history's sampling task, for as long as the server runs."""
         task = asyncio.create_task(self.history.run(), name="traffic-history")
-        yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-
-def install_status(
-    app: web.Application, settings: Settings, metrics: Metrics, guard: Guard
-) -> None:
-    """`/` and `/status` (HTML), `/status.json`; behind client auth like everything not a probe."""
-    collector = StatusCollector(settings, metrics)
-    app.cleanup_ctx.append(collector.sample_traffic)
-    page = guard(collector.page)
-    app.router.add_get("/", page)
-    app.router.add_get("/status", page)
-    app.router.add_get("/status.json", guard(collector.json))
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -15,12 +15,14 @@ from typing import Any
 
 import bcrypt
 import pytest
-from aiohttp import test_utils
 from humanfriendly import format_size
 
-from proxy.app import build_app
+from proxy.cache import open_cache
+from proxy.metrics import Metrics
+from proxy.pulls import PullCounter
 from proxy.settings import Settings
-from proxy.status import SYNC_STATUS, SyncEntryStatus
+from proxy.status import StatusCollector, SyncEntryStatus
+from proxy.status_page import render
 from tests.conftest import StartProxy
 from tests.support import skopeo
 from tests.support.images import Image, push, write_layout
@@ -210,15 +212,16 @@ def test_status_is_behind_client_auth(tmp_path: Path, start_proxy: StartProxy) -
 
 
 async def test_sync_entries_come_from_the_sync_workers_hook(tmp_path: Path) -> None:
-    app = build_app(Settings(storage_root=tmp_path / "data"))
+    settings = Settings(storage_root=tmp_path / "data")
+    metrics = Metrics()
     now = time.time()
     entry = SyncEntryStatus(
         name="docker.io/library/alpine", last_run=now - 120, result="3 tags copied", next_run=None
     )
-    app[SYNC_STATUS] = lambda: [entry]
-    async with test_utils.TestClient(test_utils.TestServer(app)) as client:
-        status = await (await client.get("/status.json")).json()
-        page = await (await client.get("/")).text()
-    assert status["sync"] == [entry]
+    async with open_cache(settings, metrics) as cache:
+        collector = StatusCollector(settings, metrics, cache, PullCounter(), lambda: [entry])
+        status = await collector.collect()
+    assert status.sync == [entry]
+    page = render(status)
     assert "<td>docker.io/library/alpine</td>" in page
     assert "<td>3 tags copied</td><td>not scheduled</td>" in page
