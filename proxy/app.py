@@ -14,7 +14,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Final
 
 from aiohttp import web
@@ -223,9 +223,7 @@ async def _background(
         asyncio.create_task(_flush_access_times(cache.metadata), name="access-times"),
     ]
     if sync is not None:
-        tasks.append(
-            asyncio.create_task(sync_service.serve(settings, sync, cache, metrics), name="sync")
-        )
+        tasks.append(asyncio.create_task(sync_service.serve(sync, cache, metrics), name="sync"))
     try:
         yield
     finally:
@@ -299,12 +297,12 @@ class Service:
 async def serving(settings: Settings) -> AsyncIterator[Service]:
     """The service, with its resources open and its background tasks running, until the
     server that calls it has stopped."""
-    # Loaded first, so that a bad htpasswd or sync file stops start-up like a bad main
+    # Loaded first, so that a bad sync or htpasswd file stops start-up like a bad main
     # configuration, before anything is opened.
-    authenticator = Authenticator(settings.auth) if settings.auth else None
     sync = None
     if settings.sync_config:
         sync = sync_service.SyncBoard(load_sync_config(settings.sync_config))
+    authenticator = Authenticator(settings.auth) if settings.auth else None
     metrics = Metrics()
     metrics.max_size.set(settings.cleaner.max_size)
     metrics.high_water.set(settings.cleaner.high_water_mark)
@@ -314,16 +312,19 @@ async def serving(settings: Settings) -> AsyncIterator[Service]:
     await asyncio.to_thread(set_aside_if_corrupt, database)
     # Sync entries into the cache fetch through its clients, with the sync file's logins.
     cache_settings = settings if sync is None else with_sync_logins(settings, sync.config)
-    async with open_cache(cache_settings, metrics) as cache:
+    async with AsyncExitStack() as stack:
+        if authenticator is not None:
+            stack.callback(authenticator.close)
+        cache = await stack.enter_async_context(open_cache(cache_settings, metrics))
         await reconcile(cache.store, cache.metadata)
-        async with _background(settings, sync, cache, metrics):
-            service = Service(settings, authenticator, cache, metrics, sync)
-            async with service.status.sampling():
-                _watch(metrics, cache)
-                log.info(
-                    "serving upstreams %s (default %s), data in %s",
-                    ", ".join(sorted(cache.upstreams)),
-                    settings.default_upstream,
-                    cache.store.root,
-                )
-                yield service
+        await stack.enter_async_context(_background(settings, sync, cache, metrics))
+        service = Service(settings, authenticator, cache, metrics, sync)
+        await stack.enter_async_context(service.status.sampling())
+        _watch(metrics, cache)
+        log.info(
+            "serving upstreams %s (default %s), data in %s",
+            ", ".join(sorted(cache.upstreams)),
+            settings.default_upstream,
+            cache.store.root,
+        )
+        yield service

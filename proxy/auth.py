@@ -205,6 +205,11 @@ class Authenticator:
         )
         self.throttle = Throttle()
 
+    def close(self) -> None:
+        """Stop the bcrypt threads: queued checks are dropped, and one still running ends on
+        its own without holding up the event loop."""
+        self._bcrypt.shutdown(wait=False, cancel_futures=True)
+
     def _challenge(self, detail: str | None = None) -> RegistryError:
         return RegistryError(
             errors.UNAUTHORIZED,

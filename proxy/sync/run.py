@@ -56,10 +56,11 @@ async def once(
     if path is None:
         raise ConfigError("no sync configuration: set sync.config (SYNC_CONFIG) or --sync-config")
     config: SyncConfig = load_sync_config(path)
+    settings = with_sync_logins(settings, config)
     metrics = Metrics()
     with on_terminal(sys.stderr) as progress:
         if any(entry.to_cache for entry in config.entries):
-            async with open_cache(with_sync_logins(settings, config), metrics) as cache:
+            async with open_cache(settings, metrics) as cache:
                 results = await _run(settings, config, metrics, cache, dry_run, missing, progress)
         else:
             results = await _run(settings, config, metrics, None, dry_run, missing, progress)

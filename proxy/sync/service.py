@@ -14,7 +14,6 @@ import time
 
 from proxy.cache import Cache
 from proxy.metrics import Metrics
-from proxy.settings import Settings
 from proxy.status import SyncEntryStatus
 
 from .config import SyncConfig
@@ -58,10 +57,11 @@ class SyncBoard:
         return statuses
 
 
-async def serve(settings: Settings, board: SyncBoard, cache: Cache, metrics: Metrics) -> None:
-    """Run `board`'s entries until cancelled, telling it how each run went."""
+async def serve(board: SyncBoard, cache: Cache, metrics: Metrics) -> None:
+    """Run `board`'s entries until cancelled, telling it how each run went; the cache was
+    opened with the sync file's logins (`with_sync_logins`), and its settings serve both."""
     config = board.config
-    endpoints = Endpoints(settings, config, metrics, cache)
+    endpoints = Endpoints(cache.settings, config, metrics, cache)
     worker = Worker(config, endpoints, metrics, cache.metadata, on_result=board.record)
     try:
         await worker.run_all(missing=True)
