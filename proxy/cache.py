@@ -13,7 +13,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ from .manifest import (
     is_schema1,
     read_manifest,
 )
+from .memo import LRU
 from .metadata import DATABASE_FILE, ItemRecord, Metadata, ReferrersPage, TagRecord
 from .metrics import Metrics
 from .reference import Digest, Tag, Target
@@ -101,10 +102,8 @@ class Cache:
             on_join=metrics.coalesced.labels("manifest").inc
         )
         self._confirmations: SingleFlight[tuple[str, str, Digest], int | None] = SingleFlight()
-        # What the upstream picked for a tag and a narrow Accept (`_variant`), newest last.
-        self._variants: OrderedDict[tuple[str, str, str, tuple[str, ...]], TagRecord] = (
-            OrderedDict()
-        )
+        # What the upstream picked for a tag and a narrow Accept (`_variant`).
+        self._variants: LRU[tuple[str, str, str, tuple[str, ...]], TagRecord] = LRU(_VARIANTS_KEPT)
         self._stale_warned: dict[str, float] = {}
         self._leases: Counter[Digest] = Counter()
 
@@ -271,10 +270,7 @@ class Cache:
                 kept = await self._manifest_flights.do(
                     ("variant", *key), lambda: self._fetch_manifest(target, tag.value, wanted)
                 )
-                self._variants[key] = TagRecord(str(kept.digest), time.time())
-                self._variants.move_to_end(key)
-                while len(self._variants) > _VARIANTS_KEPT:
-                    self._variants.popitem(last=False)
+                self._variants.put(key, TagRecord(str(kept.digest), time.time()))
         except UpstreamError as exc:
             if kept is None or not _stands_in(exc):
                 raise upstream_failure(exc, errors.MANIFEST_UNKNOWN) from None

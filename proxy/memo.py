@@ -1,44 +1,59 @@
-"""A bounded LRU of small immutable byte strings, keyed by digest, for the event loop's use.
+"""A bounded least-recently-used memory for the event loop's use.
 
-Cached manifests are asked for far more often than anything else and are small; reading one
-from disk on every request cost more than the rest of the request (docs/benchmarks.md).
-Content-addressed bytes never change, so a copy in memory is never stale; it only has to go
-when its file does.
+Three things are kept this way: manifest bytes (asked for far more often than anything else,
+and reading one from disk on every request cost more than the rest of the request,
+docs/benchmarks.md), upstream tokens by scope, and the variant of a tag a narrow client gets.
+Each would otherwise grow with every name clients try.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Iterator
+from typing import Generic, TypeVar
 
-__all__ = ["BytesLRU"]
+__all__ = ["LRU"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 
-class BytesLRU:
-    """At most `budget` bytes in total; an entry larger than a quarter of it is not kept."""
+def _one(value: object) -> int:
+    return 1
 
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
+
+class LRU(Generic[K, V]):
+    """Entries of at most `limit` in total weight (one each, unless `weigh` says otherwise);
+    the least recently used leave first."""
+
+    def __init__(self, limit: int, weigh: Callable[[V], int] = _one) -> None:
+        self.limit = limit
         self.size = 0
-        self._entries: OrderedDict[Hashable, bytes] = OrderedDict()
+        self._weigh = weigh
+        self._entries: OrderedDict[K, V] = OrderedDict()
 
-    def get(self, key: Hashable) -> bytes | None:
-        data = self._entries.get(key)
-        if data is not None:
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def items(self) -> Iterator[tuple[K, V]]:
+        """From the least recently used; a snapshot, so the caller may discard as it goes."""
+        return iter(list(self._entries.items()))
+
+    def get(self, key: K) -> V | None:
+        value = self._entries.get(key)
+        if value is not None:
             self._entries.move_to_end(key)
-        return data
+        return value
 
-    def put(self, key: Hashable, data: bytes) -> None:
-        if len(data) > self.budget // 4:
-            return
-        old = self._entries.pop(key, None)
-        self.size += len(data) - (len(old) if old is not None else 0)
-        self._entries[key] = data
-        while self.size > self.budget:
+    def put(self, key: K, value: V) -> None:
+        self.discard(key)
+        self._entries[key] = value
+        self.size += self._weigh(value)
+        while self.size > self.limit:
             _, evicted = self._entries.popitem(last=False)
-            self.size -= len(evicted)
+            self.size -= self._weigh(evicted)
 
-    def discard(self, key: Hashable) -> None:
+    def discard(self, key: K) -> None:
         old = self._entries.pop(key, None)
         if old is not None:
-            self.size -= len(old)
+            self.size -= self._weigh(old)

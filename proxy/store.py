@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Final
 
 from .errors import RegistryError
-from .memo import BytesLRU
+from .memo import LRU
 from .reference import Digest
 
 __all__ = ["FILE_MODE", "BlobStore", "Parked"]
@@ -27,6 +27,7 @@ _FOLDER_MODE: Final = 0o700
 
 # Memory for the small files read again and again (manifests): enough for thousands of them.
 _READ_CACHE_BYTES = 16 * 1024 * 1024
+_LARGEST_KEPT = _READ_CACHE_BYTES // 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +65,7 @@ class BlobStore:
         self.partial = self.root / "partial"
         for folder in (self.blobs, self.tmp, self.partial):
             _make_folders(folder)
-        self._recent = BytesLRU(_READ_CACHE_BYTES)
+        self._recent: LRU[Digest, bytes] = LRU(_READ_CACHE_BYTES, weigh=len)
 
     def path(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.encoded[:2] / digest.encoded
@@ -135,7 +136,8 @@ class BlobStore:
             data = self.path(digest).read_bytes()
         except FileNotFoundError:
             return None
-        self._recent.put(digest, data)
+        if len(data) <= _LARGEST_KEPT:
+            self._recent.put(digest, data)
         return data
 
     def delete(self, digest: Digest) -> int:

@@ -16,7 +16,6 @@ import math
 import re
 import ssl
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .flight import SingleFlight
+from .memo import LRU
 from .metrics import Metrics
 from .reachability import Reachability
 from .settings import UpstreamSettings, host_allowed, receives_credentials
@@ -84,32 +84,27 @@ class TokenCache:
     fetched per repository, so keeping them all would grow with every name clients try."""
 
     def __init__(self, limit: int = _TOKENS_KEPT) -> None:
-        self._limit = limit
-        self._by_scope: OrderedDict[str, _Token] = OrderedDict()
+        self._by_scope: LRU[str, _Token] = LRU(limit)
 
     def get(self, scope: str) -> _Token | None:
         """The token for `scope` if it is still good."""
         token = self._by_scope.get(scope)
-        if token is None:
+        if token is not None and token.expires_at <= time.monotonic():
+            self._by_scope.discard(scope)
             return None
-        if token.expires_at <= time.monotonic():
-            del self._by_scope[scope]
-            return None
-        self._by_scope.move_to_end(scope)
         return token
 
     def put(self, scope: str, token: _Token) -> None:
-        self._by_scope[scope] = token
-        self._by_scope.move_to_end(scope)
-        if len(self._by_scope) > self._limit:
+        """Kept; when full, the expired leave before any good one."""
+        if len(self._by_scope) >= self._by_scope.limit:
             now = time.monotonic()
-            for expired in [s for s, t in self._by_scope.items() if t.expires_at <= now]:
-                del self._by_scope[expired]
-            while len(self._by_scope) > self._limit:
-                self._by_scope.popitem(last=False)
+            for expired, held in self._by_scope.items():
+                if held.expires_at <= now:
+                    self._by_scope.discard(expired)
+        self._by_scope.put(scope, token)
 
     def discard(self, scope: str) -> None:
-        self._by_scope.pop(scope, None)
+        self._by_scope.discard(scope)
 
 
 def next_page_query(link: str) -> str | None:

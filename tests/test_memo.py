@@ -1,12 +1,12 @@
-"""The manifest memory: bounded by bytes, least recently used out first."""
+"""The bounded memory: by total weight, least recently used out first."""
 
 from __future__ import annotations
 
-from proxy.memo import BytesLRU
+from proxy.memo import LRU
 
 
 def test_evicts_least_recently_used_to_stay_within_budget() -> None:
-    lru = BytesLRU(budget=40)
+    lru: LRU[str, bytes] = LRU(40, weigh=len)
     lru.put("a", b"a" * 10)
     lru.put("b", b"b" * 10)
     lru.put("c", b"c" * 10)
@@ -18,10 +18,8 @@ def test_evicts_least_recently_used_to_stay_within_budget() -> None:
     assert lru.size == 40
 
 
-def test_skips_large_entries_and_forgets_on_discard() -> None:
-    lru = BytesLRU(budget=40)
-    lru.put("big", b"x" * 11)
-    assert lru.get("big") is None
+def test_replacing_and_discarding_keep_the_weight_right() -> None:
+    lru: LRU[str, bytes] = LRU(40, weigh=len)
     lru.put("a", b"a" * 10)
     lru.put("a", b"a" * 5)
     assert lru.size == 5
@@ -29,3 +27,11 @@ def test_skips_large_entries_and_forgets_on_discard() -> None:
     lru.discard("missing")
     assert lru.get("a") is None
     assert lru.size == 0
+
+
+def test_counts_entries_unless_told_how_to_weigh_them() -> None:
+    lru: LRU[int, str] = LRU(2)
+    for key in range(3):
+        lru.put(key, str(key))
+    assert len(lru) == 2
+    assert [key for key, _ in lru.items()] == [1, 2]

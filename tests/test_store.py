@@ -36,3 +36,14 @@ def test_a_written_manifest_is_flushed_before_its_rename(
 
     assert store.read(digest) == data
     assert renamed_unflushed == []
+
+
+def test_small_content_is_read_again_from_memory_large_content_from_disk(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    for size, kept in ((1_000, True), (5 * 1024 * 1024, False)):
+        data = bytes(size)
+        digest = Digest.of(data)
+        store.write(digest, data)
+        assert store.read(digest) == data
+        store.path(digest).write_bytes(b"changed behind the store's back")
+        assert (store.read(digest) == data) is kept
