@@ -107,7 +107,8 @@ async def _unknown_path(request: web.BaseRequest) -> web.Response:
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One JSON line per request: method, path, status, bytes, cache hit or miss, duration."""
+    """One access line per request (JSON or text, as `log.format` says): method, path, status,
+    bytes, cache hit or miss, duration, remote address, user."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         access_lines().add(

@@ -273,7 +273,7 @@ class Authenticator:
 
 def require_user(authenticator: Authenticator) -> Guard:
     """A route wrapper that asks for credentials (the probes, and /metrics with
-    `auth.protect_metrics: false`, are registered without it)."""
+    `auth.protect_metrics: false`, are wrapped without it)."""
 
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)

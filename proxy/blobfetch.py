@@ -173,8 +173,8 @@ class BlobFetcher:
         self.on_disk_full(max(needed, CHUNK_SIZE))
 
     def _drop_partials(self) -> None:
-        """Give a full disk back what parked partial downloads hold: the cleaner does not see
-        them, and they are worth less than the blobs it would otherwise evict."""
+        """Give a full disk back what parked partial downloads hold, ahead of the cleaner's
+        next pass: they are worth less than the blobs it would otherwise evict."""
         while self._partials:
             _, path = self._partials.popitem()
             path.unlink(missing_ok=True)

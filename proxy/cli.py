@@ -120,7 +120,7 @@ async def _run_server(settings: Settings, ssl_context: ssl.SSLContext | None) ->
 
 
 def _freeze_startup_objects() -> None:
-    """Move what start-up built (modules, the app, settings: some 50,000 objects) out of the
+    """Move what start-up built (modules, the service, settings: some 50,000 objects) out of the
     garbage collector's sight. They live as long as the process, and every full collection
     would traverse them again: 13 ms each here, paid by whichever requests are waiting."""
     gc.collect()

@@ -2,9 +2,10 @@
 
 `SingleFlight` shares the result of one coroutine between concurrent callers (manifests, tag
 revalidation). `BlobDownload` shares a blob download as it happens: the bytes go to a
-temporary file while being hashed, and every waiting client reads the growing file through the
-same descriptor. The final byte is released only once the whole blob matched its digest, so
-a client can never take a corrupt or cut transfer for a complete one.
+temporary file while being hashed, and every waiting client reads the growing file (through a
+descriptor of its own when it is sent by sendfile). The final byte is released only once the
+whole blob matched its digest, so a client can never take a corrupt or cut transfer for a
+complete one.
 
 Downloads run as tasks owned by the cache, not by a request: a client that disconnects does
 not abort a download others wait for.

@@ -1,4 +1,4 @@
-"""Prometheus collectors, in a registry of their own per application (no module globals)."""
+"""Prometheus collectors, in a registry of their own per service (no module globals)."""
 
 from __future__ import annotations
 

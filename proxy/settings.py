@@ -1,7 +1,7 @@
 """Configuration: one YAML file, overridden by environment variables, into frozen dataclasses.
 
 Everything is validated and finished here (defaults, upstreams from the pull secret, ignored
-registries), so the rest of the service never sees an optional or a raw string. A bad value
+registries), so the rest of the service never sees an unvalidated value or a raw string. A bad value
 stops start-up with a `ConfigError` that names the key or variable.
 """
 

@@ -1,9 +1,10 @@
 """The registry client: one connection pool per upstream, auth, redirects, error mapping.
 
-A request goes through three short steps: `open` maps the outcome to our error tree,
-`_send_with_auth` answers one 401 challenge (Basic, or Bearer with a token fetched and cached
-per scope), `_send_following_redirects` follows redirects to blob storage without the
-upstream's Authorization (distribution-spec: clients "MUST NOT forward Authorization headers
+A request goes through four short steps: `request` maps the outcome to our error tree,
+`_send_with_retries` retries what may pass on a second try, `_send_with_auth` answers one 401
+challenge (Basic, or Bearer with a token fetched and cached per scope), and
+`_send_following_redirects` follows redirects to blob storage without the upstream's
+Authorization (distribution-spec: clients "MUST NOT forward Authorization headers
 across host boundaries") and only to hosts the upstream is known to use.
 """
 
