@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 _ACCESS_FLUSH_INTERVAL: Final = 5.0
 _CLIENT_CLOSED_REQUEST: Final = 499
 _READ_METHODS: Final = frozenset({"GET", "HEAD"})
+_LABELLED_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Methods counted by name; any other token a client sends is counted as "other", so that
+clients cannot add series to the metrics at will."""
 
 
 def _error_response(error: RegistryError) -> web.Response:
@@ -83,7 +86,8 @@ def _counted(metrics: Metrics) -> Guard:
                     response = _error_response(
                         RegistryError(errors.UNAVAILABLE, "internal error", status=500)
                     )
-            metrics.requests.inc(_route_label(request.path), request.method, str(response.status))
+            method = request.method if request.method in _LABELLED_METHODS else "other"
+            metrics.requests.inc(_route_label(request.path), method, str(response.status))
             return response
 
         return answer
@@ -270,7 +274,10 @@ class Service:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Nearly every request is for a path below /v2/; the others have a path each, for
-        reading (anything else, writes included, is refused by `_unknown_path`)."""
+        reading (anything else, writes included, is refused by `_unknown_path`).
+
+        An `Expect: 100-continue` gets no interim 100: only a write sends a body, and a write
+        is refused at once, which RFC 9110 (10.1.1) allows in place of the 100."""
         path = request.path
         if path.startswith("/v2/") and len(path) > 4:
             return await self._below_v2(request)
@@ -298,24 +305,25 @@ class Service:
 async def serving(settings: Settings) -> AsyncIterator[Service]:
     """The service, with its resources open and its background tasks running, until the
     server that calls it has stopped."""
-    # Loaded first, so that a bad sync or htpasswd file stops start-up like a bad main
-    # configuration, before anything is opened.
-    sync = None
-    if settings.sync_config:
-        sync = sync_service.SyncBoard(load_sync_config(settings.sync_config))
-    authenticator = Authenticator(settings.auth) if settings.auth else None
-    metrics = Metrics()
-    metrics.max_size.set(settings.cleaner.max_size)
-    metrics.high_water.set(settings.cleaner.high_water_mark)
-    # A corrupt database would stop every start: a fresh one is rebuilt from the store (the
-    # reconciliation adopts every file that verifies).
-    database = settings.storage_root.resolve() / DATABASE_FILE
-    await asyncio.to_thread(set_aside_if_corrupt, database)
-    # Sync entries into the cache fetch through its clients, with the sync file's logins.
-    cache_settings = settings if sync is None else with_sync_logins(settings, sync.config)
     async with AsyncExitStack() as stack:
-        if authenticator is not None:
+        # Loaded first, so that a bad sync or htpasswd file stops start-up like a bad main
+        # configuration, before anything is opened.
+        sync = None
+        if settings.sync_config:
+            sync = sync_service.SyncBoard(load_sync_config(settings.sync_config))
+        authenticator = None
+        if settings.auth:
+            authenticator = Authenticator(settings.auth)
             stack.callback(authenticator.close)
+        metrics = Metrics()
+        metrics.max_size.set(settings.cleaner.max_size)
+        metrics.high_water.set(settings.cleaner.high_water_mark)
+        # A corrupt database would stop every start: a fresh one is rebuilt from the store
+        # (the reconciliation adopts every file that verifies).
+        database = settings.storage_root.resolve() / DATABASE_FILE
+        await asyncio.to_thread(set_aside_if_corrupt, database)
+        # Sync entries into the cache fetch through its clients, with the sync file's logins.
+        cache_settings = settings if sync is None else with_sync_logins(settings, sync.config)
         cache = await stack.enter_async_context(open_cache(cache_settings, metrics))
         await reconcile(cache.store, cache.metadata)
         await stack.enter_async_context(_background(settings, sync, cache, metrics))

@@ -90,11 +90,20 @@ def _serve(settings: Settings) -> int:
 async def _run_server(settings: Settings, ssl_context: ssl.SSLContext | None) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and let running transfers finish,
     up to the drain timeout. (web.run_app does the same, but hides the server we need to
-    hook the per-address connection cap into.)"""
-    stop = asyncio.Event()
+    hook the per-address connection cap into.) A signal during start-up ends it at once: a
+    reconciliation after a lost database may hash the store for minutes."""
+    stop, listening = asyncio.Event(), asyncio.Event()
+    starting = asyncio.current_task()
+    assert starting is not None
+
+    def on_signal() -> None:
+        stop.set()
+        if not listening.is_set():
+            starting.cancel()
+
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signal_number, stop.set)
+        loop.add_signal_handler(signal_number, on_signal)
     try:
         async with serving(settings) as service:
             server = web.Server(
@@ -109,12 +118,17 @@ async def _run_server(settings: Settings, ssl_context: ssl.SSLContext | None) ->
             try:
                 site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
                 await site.start()
+                listening.set()
                 _freeze_startup_objects()
                 log.info("serving on %s", site.name)
                 await stop.wait()
                 log.info("stopping: draining transfers for up to %.0fs", settings.drain_timeout)
             finally:
                 await runner.cleanup()
+    except asyncio.CancelledError:
+        if listening.is_set() or not stop.is_set():
+            raise
+        log.info("stopped during start-up")
     finally:
         logs.access_lines().flush()
 

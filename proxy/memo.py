@@ -46,7 +46,10 @@ class LRU(Generic[K, V]):
         return value
 
     def put(self, key: K, value: V) -> None:
+        """Keep `value`, unless it alone weighs more than the limit."""
         self.discard(key)
+        if self._weigh(value) > self.limit:
+            return
         self._entries[key] = value
         self.size += self._weigh(value)
         while self.size > self.limit:

@@ -102,6 +102,32 @@ def test_htpasswd_users_pull_and_nobody_else(
     assert "wonderland" not in proxy.log() and "not-her-password" not in proxy.log()
 
 
+def test_every_method_on_every_path_needs_credentials_but_the_probes(
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
+) -> None:
+    users = write_users(tmp_path / "htpasswd", {"alice": "wonderland"})
+    proxy = start_proxy({**one_upstream(upstream), **auth_config(users)})
+    blob = "/v2/test.local/team/app/blobs/sha256:" + "0" * 64
+    paths = ["/", "/status", "/status.json", "/metrics", "/v2", "/v2/", "/v2/_catalog", blob]
+    paths += ["/v2/test.local/team/app/manifests/v1", "/no/such/route", "/healthz", "/readyz"]
+    methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "PROPFIND"]
+    answers = {}
+    for path in paths:
+        for method in methods:
+            status, headers, _ = proxy.get(path, method=method)
+            answers[method, path] = status
+            if status == 401:
+                assert headers["WWW-Authenticate"] == CHALLENGE, (method, path)
+    open_ones = {(m, p) for m in ("GET", "HEAD") for p in ("/healthz", "/readyz")}
+    assert {key for key, status in answers.items() if status != 401} == open_ones
+    assert all(answers[key] == 200 for key in open_ones)
+
+    # A method the API does not use is counted under a name of ours: clients cannot add
+    # series at will.
+    status, _, metrics = proxy.get("/metrics", basic("alice", "wonderland"))
+    assert status == 200 and b'method="other"' in metrics and b"PROPFIND" not in metrics
+
+
 def test_podman_login_then_pull_over_tls(
     tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:

@@ -35,3 +35,11 @@ def test_counts_entries_unless_told_how_to_weigh_them() -> None:
         lru.put(key, str(key))
     assert len(lru) == 2
     assert [key for key, _ in lru.items()] == [1, 2]
+
+
+def test_an_entry_heavier_than_the_limit_is_not_kept_and_evicts_nothing() -> None:
+    lru: LRU[str, bytes] = LRU(40, weigh=len)
+    lru.put("a", b"a" * 10)
+    lru.put("big", b"x" * 41)
+    assert lru.get("big") is None
+    assert lru.get("a") == b"a" * 10 and lru.size == 10

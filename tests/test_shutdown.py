@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
+import os
+import signal
 import socket
 import threading
 import time
 from pathlib import Path
 
+import pytest
+
+from proxy import app, cli
+from proxy.settings import Settings
 from tests.conftest import StartProxy
 from tests.support.images import push, write_layout
+from tests.support.ports import free_port
 from tests.support.registry import Registry
 from tests.support.standin import blob_files
 from tests.test_pull import one_upstream
@@ -57,3 +65,25 @@ def test_sigterm_during_a_large_transfer_lets_it_finish_and_exits_zero(
     assert f"sha256:{digest.hexdigest()}" == layer, "the transfer completed, byte for byte"
     assert exit_codes == [0]
     assert layer.removeprefix("sha256:") in blob_files(proxy.data)
+
+
+async def test_a_signal_during_start_up_ends_it_before_anything_listens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reconciliation that never ends stands in for hashing a large store after a lost
+    # database: start-up is under way, and must stop at the signal, not after it.
+    reconciling = asyncio.Event()
+
+    async def endless_reconcile(store: object, metadata: object) -> None:
+        reconciling.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(app, "reconcile", endless_reconcile)
+    settings = Settings(storage_root=tmp_path / "data", port=free_port())
+    server = asyncio.create_task(cli._run_server(settings, None))
+    await asyncio.wait_for(reconciling.wait(), _DEADLINE)
+
+    os.kill(os.getpid(), signal.SIGTERM)
+
+    await asyncio.wait_for(server, _DEADLINE)  # returns: stopped, not failed
+    assert _refuses_connections(settings.port)

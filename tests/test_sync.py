@@ -44,7 +44,7 @@ from proxy.sync.retention import to_retire
 from proxy.sync.schedule import Cron, Every, parse_schedule
 from proxy.sync.template import Template, TemplateError
 from proxy.sync.worker import Worker
-from tests.conftest import CREDS, StartProxy
+from tests.conftest import CREDS, StartProxy, refused_start
 from tests.support import skopeo
 from tests.support.images import Image, push, write_layout
 from tests.support.proxy import Proxy
@@ -317,6 +317,13 @@ sync:
         path.write_text(bad)
         with pytest.raises(ConfigError, match=message):
             load_sync_config(path)
+
+
+def test_a_bad_sync_file_stops_the_server_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "regsync.yml"
+    path.write_text("version: 2")
+    said = refused_start(tmp_path / "cache", {"sync": {"config": str(path)}})
+    assert "configuration error" in said and "version" in said
 
 
 def test_templates_see_the_entry_under_regsyncs_go_names(tmp_path: Path) -> None:
