@@ -274,7 +274,9 @@ class BlobFetcher:
         batched = 0
         try:
             try:
-                async for chunk in response.content.iter_any():
+                # Each piece as the socket gave it (`iter_any` would join what is buffered:
+                # a copy of every byte, a tenth of the receiving thread's time).
+                async for chunk, _ in response.content.iter_chunks():
                     batch.append(chunk)
                     batched += len(chunk)
                     if batched >= CHUNK_SIZE:
