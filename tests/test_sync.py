@@ -23,6 +23,7 @@ import tty
 import urllib.parse
 import urllib.request
 import zoneinfo
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -373,6 +374,39 @@ def test_an_entrys_ratelimit_merges_with_the_defaults_field_by_field(tmp_path: P
 def target(tmp_path: Path) -> Any:
     with Registry(tmp_path / "target") as registry:
         yield registry
+
+
+def test_tags_on_one_image_copied_at_once_write_its_content_once(
+    tmp_path: Path, upstream: Registry, target: Registry
+) -> None:
+    # Copied at the same moment, two tags' copies of one image raced on distribution's
+    # in-place link files (a 500 or a 400 now and then); one at a time, the second finds
+    # everything there.
+    multi = image(tmp_path, "multi", 7, platforms=True)
+    for tag in ("a", "b", "c"):
+        push(multi, upstream.host, "app", tag)
+    config = {
+        "version": 1,
+        "creds": [plain(upstream), plain(target)],
+        "defaults": {"parallel": 3},
+        "sync": [
+            {"source": f"{upstream.host}/app", "target": f"{target.host}/dup", "type": "repository"}
+        ],
+    }
+    target.clear_requests()
+
+    done = sync(tmp_path / "c", {}, config, "once")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert tags(target, "dup") == {"a", "b", "c"}
+    writes = Counter(
+        entry.path if "/manifests/" in entry.path else entry.query.partition("digest=")[2]
+        for entry in target.entries()
+        if entry.method == "PUT" and entry.path.startswith("/v2/dup/")
+    )
+    by_digest = {key: n for key, n in writes.items() if "sha256" in key}
+    assert by_digest and set(by_digest.values()) == {1}, writes
+    assert [writes[f"/v2/dup/manifests/{tag}"] for tag in "abc"] == [1, 1, 1]
 
 
 def test_image_and_repository_entries_copy_exactly_the_expected_tags(

@@ -129,9 +129,10 @@ class ImageCopier:
         if tag is None:
             await self._copy_manifest(digest)
             return self.stats
-        manifest = await self.source.manifest(self.source_repository, digest)
-        await self._copy_children(manifest, tuple(platforms))
-        await self.target.put_manifest(self.target_repository, tag or digest, manifest)
+        async with self.target.writing(self.target_repository, digest):
+            manifest = await self.source.manifest(self.source_repository, digest)
+            await self._copy_children(manifest, tuple(platforms))
+            await self.target.put_manifest(self.target_repository, tag or digest, manifest)
         return self.stats
 
     async def _copy_children(self, manifest: Manifest, platforms: tuple[str, ...]) -> None:
@@ -147,22 +148,24 @@ class ImageCopier:
                 await self._copy_blob(digest, size if isinstance(size, int) else None)
 
     async def _copy_manifest(self, digest: str) -> None:
-        if await self.target.head_manifest(self.target_repository, digest) is not None:
-            return
-        manifest = await self.source.manifest(self.source_repository, digest)
-        await self._copy_children(manifest, ())
-        await self.target.put_manifest(self.target_repository, digest, manifest)
+        async with self.target.writing(self.target_repository, digest):
+            if await self.target.head_manifest(self.target_repository, digest) is not None:
+                return
+            manifest = await self.source.manifest(self.source_repository, digest)
+            await self._copy_children(manifest, ())
+            await self.target.put_manifest(self.target_repository, digest, manifest)
 
     async def _copy_blob(self, digest: str, size: int | None) -> None:
         registry = self.target.name
-        present = await self.target.has_blob(self.target_repository, digest)
-        if not present and not await self._mount(digest):
-            async with self.source.blob_stream(self.source_repository, digest) as chunks:
-                tracked = self.progress.track(short(digest), size, chunks)
-                self.stats.bytes += await self.target.upload(
-                    self.target_repository, digest, tracked, CHUNK_SIZE
-                )
-            log.debug("copied blob %s to %s/%s", digest, registry, self.target_repository)
+        async with self.target.writing(self.target_repository, digest):
+            present = await self.target.has_blob(self.target_repository, digest)
+            if not present and not await self._mount(digest):
+                async with self.source.blob_stream(self.source_repository, digest) as chunks:
+                    tracked = self.progress.track(short(digest), size, chunks)
+                    self.stats.bytes += await self.target.upload(
+                        self.target_repository, digest, tracked, CHUNK_SIZE
+                    )
+                log.debug("copied blob %s to %s/%s", digest, registry, self.target_repository)
         self.hints.note(registry, digest, self.target_repository)
 
     async def _mount(self, digest: str) -> bool:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -73,6 +74,26 @@ class Remote:
         self.name = name
         self.client = client
         self.throttle = throttle or Throttle()
+        self._write_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._writers: Counter[tuple[str, str]] = Counter()
+
+    @asynccontextmanager
+    async def writing(self, repository: str, digest: str) -> AsyncIterator[None]:
+        """Hold the writing of `digest` into `repository`: one copy at a time. distribution
+        writes its link files in place, so a second copy of the same content running at once
+        (two tags on one image, two images sharing a layer) can read one half-written: a 500
+        "invalid checksum digest format", or a 400 for a manifest. The copy that waited finds
+        the content there, and writes nothing twice."""
+        key = (repository, digest)
+        lock = self._write_locks.setdefault(key, asyncio.Lock())
+        self._writers[key] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._writers[key] -= 1
+            if not self._writers[key]:
+                del self._writers[key], self._write_locks[key]
 
     @asynccontextmanager
     async def _open(
