@@ -118,6 +118,9 @@ class BlobFetcher:
         self.metadata = metadata
         self.cache_write_timeout = cache_write_timeout
         self.downloads: dict[Digest, BlobDownload] = {}
+        # Downloads recorded in the metadata but not yet out of `downloads`: their bytes are in
+        # the metadata's totals already, and must not count as incoming as well.
+        self._recorded: set[Digest] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         # Cut downloads to continue from, oldest first: parked on disk, so a restart keeps them.
         self._partials: OrderedDict[Digest, Path] = OrderedDict()
@@ -137,7 +140,11 @@ class BlobFetcher:
     def incoming_size(self) -> int:
         """Bytes on their way into the store: every download in flight, whole (what it has
         written to `tmp/` is not in the metadata's totals either)."""
-        return sum(download.size or 0 for download in self.downloads.values())
+        return sum(
+            download.size or 0
+            for digest, download in self.downloads.items()
+            if digest not in self._recorded
+        )
 
     def get(
         self, upstream: UpstreamClient, target: Target, digest: Digest
@@ -204,6 +211,7 @@ class BlobFetcher:
             stored = await self._commit(download, target)
         finally:
             self.downloads.pop(digest, None)
+            self._recorded.discard(digest)
             download.release()
         if stored:
             self.on_incoming()
@@ -223,6 +231,7 @@ class BlobFetcher:
                 (target.upstream, target.repository),
             )
             recorded = True
+            self._recorded.add(digest)
             self.store.commit(download.temp_path, digest)
         except (OSError, sqlite3.Error) as exc:
             log.error("could not store %s: %s", digest, exc)
