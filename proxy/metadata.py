@@ -236,9 +236,9 @@ class Metadata:
         self._db: sqlite3.Connection | None = None
         self._tags: dict[tuple[str, str, str], TagRecord] = {}
         self._items: dict[str, ItemRecord] = {}
-        # (upstream, repository, digest) the upstream let that repository have: what it was
-        # pulled through, what its manifests there name, and what a HEAD there confirmed.
-        self._grants: set[tuple[str, str, str]] = set()
+        # By (upstream, repository), the digests the upstream let that repository have: what it
+        # was pulled through, what its manifests there name, and what a HEAD there confirmed.
+        self._grants: dict[tuple[str, str], set[str]] = {}
         self._pending_access: dict[str, float] = {}
         # The sum of all item sizes, kept current so the hot path can compare it to the budget.
         self.total_size = 0
@@ -282,7 +282,8 @@ class Metadata:
                 ") SELECT upstream, repository, digest FROM granted"
             ).fetchall()
 
-        self._grants = set(await self._run(held))
+        for upstream, repository, digest in await self._run(held):
+            self._grants.setdefault((upstream, repository), set()).add(digest)
 
     async def close(self) -> None:
         if self._db is None:
@@ -344,25 +345,26 @@ class Metadata:
             self.total_items += 1
         self._items[record.digest] = record
         if holder is not None:
-            self._grants.update((*holder, digest) for digest in held)
+            self._grants.setdefault(holder, set()).update(held)
 
     # -- which repository may have what -----------------------------------------------------
 
     def granted(self, upstream: str, repository: str, digest: str) -> bool:
-        """Whether the upstream let this repository have `digest` (a set lookup: the hot path
-        asks it for every cached blob and manifest by digest)."""
-        return (upstream, repository, digest) in self._grants
+        """Whether the upstream let this repository have `digest` (two hash lookups: the hot
+        path asks it for every cached blob and manifest by digest)."""
+        digests = self._grants.get((upstream, repository))
+        return digests is not None and digest in digests
 
     async def hold(self, upstream: str, repository: str, digest: str) -> None:
         """Let this repository have `digest` and everything it names, and keep that (as a
         holding, read back at start) once the item is stored."""
 
         held = await self._run(lambda db: _hold(db, upstream, repository, digest))
-        self._grants.update((upstream, repository, below) for below in held)
+        self._grants.setdefault((upstream, repository), set()).update(held)
 
     async def revoke(self, upstream: str, repository: str) -> None:
         """Take back everything granted to a repository (its upstream refused it)."""
-        self._grants = {grant for grant in self._grants if grant[:2] != (upstream, repository)}
+        self._grants.pop((upstream, repository), None)
 
         def delete(db: sqlite3.Connection) -> None:
             db.execute(
