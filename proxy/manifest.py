@@ -16,6 +16,7 @@ from .reference import Digest
 
 __all__ = [
     "ACCEPT_ALL",
+    "ACCEPT_ALL_HEADER",
     "MAX_MANIFEST_SIZE",
     "Manifest",
     "acceptable",
@@ -33,6 +34,8 @@ DOCKER_V1: Final = "application/vnd.docker.distribution.manifest.v1+json"
 
 # What we ask the upstream for when the client did not say: every modern type, lists first.
 ACCEPT_ALL: Final = (OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
+ACCEPT_ALL_HEADER: Final = ", ".join(ACCEPT_ALL)
+"""`ACCEPT_ALL` as an `Accept` header, for asking an upstream."""
 MAX_MANIFEST_SIZE: Final = 4 * 1024 * 1024
 
 
@@ -84,8 +87,12 @@ def acceptable(media_type: str, accept: tuple[str, ...]) -> bool:
 
 def is_schema1(content_type: str | None) -> bool:
     """Whether a Content-Type names a Docker schema 1 manifest (deprecated; never served)."""
-    media_type = (content_type or "").split(";", 1)[0].strip().lower()
-    return media_type in (DOCKER_V1_SIGNED, DOCKER_V1)
+    return _media_type(content_type) in (DOCKER_V1_SIGNED, DOCKER_V1)
+
+
+def _media_type(content_type: str | None) -> str:
+    """A Content-Type header's media type, without parameters, lower-case."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
 
 
 def read_manifest(data: bytes, content_type: str | None) -> tuple[str, list[str]]:
@@ -97,7 +104,7 @@ def read_manifest(data: bytes, content_type: str | None) -> tuple[str, list[str]
     if not isinstance(document, dict):
         raise RegistryError(MANIFEST_INVALID, "upstream manifest is not a JSON object")
     declared = document.get("mediaType")
-    header = (content_type or "").split(";", 1)[0].strip().lower()
+    header = _media_type(content_type)
     media_type = declared if isinstance(declared, str) and declared else header
     if not media_type or media_type in ("application/json", "application/octet-stream"):
         # An OCI manifest may omit mediaType; tell it apart from an index by its fields.

@@ -21,7 +21,7 @@ import aiohttp
 from yarl import URL
 
 from proxy.errors import UpstreamError, UpstreamNotFound, UpstreamStatusError
-from proxy.manifest import ACCEPT_ALL, MAX_MANIFEST_SIZE, OCI_INDEX, Manifest, read_manifest
+from proxy.manifest import ACCEPT_ALL_HEADER, MAX_MANIFEST_SIZE, OCI_INDEX, Manifest, read_manifest
 from proxy.reference import Digest
 from proxy.upstream import RateLimit, UpstreamClient, next_page_query, read_body
 
@@ -150,7 +150,7 @@ class Remote:
                 "HEAD",
                 f"manifests/{reference}",
                 repository,
-                headers={"Accept": ", ".join(ACCEPT_ALL)},
+                headers={"Accept": ACCEPT_ALL_HEADER},
             ) as response:
                 digest = response.headers.get("Docker-Content-Digest")
                 media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
@@ -166,7 +166,7 @@ class Remote:
     async def manifest(self, repository: str, reference: str) -> Manifest:
         """A manifest's exact bytes, checked against the digest asked for or announced."""
         async with self._open(
-            "GET", f"manifests/{reference}", repository, headers={"Accept": ", ".join(ACCEPT_ALL)}
+            "GET", f"manifests/{reference}", repository, headers={"Accept": ACCEPT_ALL_HEADER}
         ) as response:
             data = await read_body(response, MAX_MANIFEST_SIZE)
             content_type = response.headers.get("Content-Type")
