@@ -30,16 +30,24 @@ from .auth import AUTH_USER, Authenticator, require_user
 from .cache import Cache, open_cache
 from .errors import RegistryError
 from .logs import access_lines, access_members
-from .metadata import DATABASE_FILE, Metadata, set_aside_if_corrupt
+from .metadata import Metadata
 from .metrics import Metrics
 from .pulls import PullCounter
-from .routes import API_VERSION_HEADERS, CACHE_STATUS, Routes, require_read
+from .routes import (
+    API_VERSION_HEADERS,
+    CACHE_STATUS,
+    READ_METHODS,
+    WRITE_METHODS,
+    Routes,
+    require_read,
+)
 from .send import client_gone
 from .settings import Settings
 from .status import StatusCollector
 from .sync import service as sync_service
 from .sync.config import load_sync_config
 from .sync.endpoints import with_sync_logins
+from .traffic import TrafficHistory
 from .typedefs import Guard, Handler
 
 __all__ = ["AccessLogger", "Service", "access_logger", "serving"]
@@ -48,8 +56,7 @@ log = logging.getLogger(__name__)
 
 _ACCESS_FLUSH_INTERVAL: Final = 5.0
 _CLIENT_CLOSED_REQUEST: Final = 499
-_READ_METHODS: Final = frozenset({"GET", "HEAD"})
-_LABELLED_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_LABELLED_METHODS: Final = READ_METHODS | WRITE_METHODS | {"OPTIONS"}
 """Methods counted by name; any other token a client sends is counted as "other", so that
 clients cannot add series to the metrics at will."""
 
@@ -211,8 +218,10 @@ async def _background(
     sync: sync_service.SyncBoard | None,
     cache: Cache,
     metrics: Metrics,
+    traffic: TrafficHistory,
 ) -> AsyncIterator[None]:
-    """The server's own tasks: the cleaner, the access-time writer, the sync worker."""
+    """The server's own tasks: the cleaner, the access-time writer, the status page's traffic
+    sampler, the sync worker."""
     cleaner = Cleaner(
         settings.cleaner,
         cache.store,
@@ -226,6 +235,7 @@ async def _background(
     tasks = [
         asyncio.create_task(cleaner.serve(), name="cleaner"),
         asyncio.create_task(_flush_access_times(cache.metadata), name="access-times"),
+        asyncio.create_task(traffic.run(), name="traffic-history"),
     ]
     if sync is not None:
         tasks.append(asyncio.create_task(sync_service.serve(sync, cache, metrics), name="sync"))
@@ -281,7 +291,7 @@ class Service:
         path = request.path
         if path.startswith("/v2/") and len(path) > 4:
             return await self._below_v2(request)
-        if request.method in _READ_METHODS:
+        if request.method in READ_METHODS:
             return await self._reads.get(path, self._unknown)(request)
         return await self._unknown(request)
 
@@ -318,17 +328,17 @@ async def serving(settings: Settings) -> AsyncIterator[Service]:
         metrics = Metrics()
         metrics.max_size.set(settings.cleaner.max_size)
         metrics.high_water.set(settings.cleaner.high_water_mark)
+        # Sync entries into the cache fetch through its clients, with the sync file's logins.
         # A corrupt database would stop every start: a fresh one is rebuilt from the store
         # (the reconciliation adopts every file that verifies).
-        database = settings.storage_root.resolve() / DATABASE_FILE
-        await asyncio.to_thread(set_aside_if_corrupt, database)
-        # Sync entries into the cache fetch through its clients, with the sync file's logins.
         cache_settings = settings if sync is None else with_sync_logins(settings, sync.config)
-        cache = await stack.enter_async_context(open_cache(cache_settings, metrics))
+        cache = await stack.enter_async_context(
+            open_cache(cache_settings, metrics, set_aside_corrupt=True)
+        )
         await reconcile(cache.store, cache.metadata)
-        await stack.enter_async_context(_background(settings, sync, cache, metrics))
         service = Service(settings, authenticator, cache, metrics, sync)
-        await stack.enter_async_context(service.status.sampling())
+        traffic = service.status.history
+        await stack.enter_async_context(_background(settings, sync, cache, metrics, traffic))
         _watch(metrics, cache)
         log.info(
             "serving upstreams %s (default %s), data in %s",

@@ -29,6 +29,7 @@ from .errors import RegistryError, UpstreamError, upstream_failure
 from .flight import BlobDownload, SingleFlight
 from .manifest import (
     ACCEPT_ALL,
+    ACCEPT_ALL_HEADER,
     MAX_MANIFEST_SIZE,
     Manifest,
     acceptable,
@@ -36,7 +37,14 @@ from .manifest import (
     read_manifest,
 )
 from .memo import LRU
-from .metadata import DATABASE_FILE, ItemRecord, Metadata, ReferrersPage, TagRecord
+from .metadata import (
+    DATABASE_FILE,
+    ItemRecord,
+    Metadata,
+    ReferrersPage,
+    TagRecord,
+    set_aside_if_corrupt,
+)
 from .metrics import Metrics
 from .reference import Digest, Tag, Target
 from .settings import Settings
@@ -158,9 +166,6 @@ class Cache:
         tagged = None
         if record is not None and time.time() - record.checked_at < ttl:
             tagged = await self._local_manifest(Digest.parse(record.digest))
-            if tagged is not None and acceptable(tagged.media_type, accept):
-                self.metadata.touch(record.digest)
-                return tagged
         if tagged is None:
             # One revalidation per tag, whatever the clients accept: the tag is recorded as
             # the upstream answers a client that takes every type (a list, for multi-arch).
@@ -284,7 +289,7 @@ class Cache:
         return kept
 
     async def _head_manifest_digest(self, target: Target, tag: Tag) -> Digest | None:
-        headers = {"Accept": ", ".join(ACCEPT_ALL)}
+        headers = {"Accept": ACCEPT_ALL_HEADER}
         async with self._request(
             target,
             "HEAD",
@@ -439,7 +444,7 @@ class Cache:
         upstream, brought in: a digest alone must not open a repository that is private, or
         that credentials scoped to one repository fetched from. Returns the size it says."""
         unknown = errors.BLOB_UNKNOWN if kind == "blobs" else errors.MANIFEST_UNKNOWN
-        headers = {"Accept": ", ".join(ACCEPT_ALL)} if kind == "manifests" else None
+        headers = {"Accept": ACCEPT_ALL_HEADER} if kind == "manifests" else None
 
         async def ask() -> int | None:
             try:
@@ -539,11 +544,17 @@ def _stands_in(exc: UpstreamError) -> bool:
 
 
 @asynccontextmanager
-async def open_cache(settings: Settings, metrics: Metrics) -> AsyncIterator[Cache]:
+async def open_cache(
+    settings: Settings, metrics: Metrics, *, set_aside_corrupt: bool = False
+) -> AsyncIterator[Cache]:
     """The cache of a data directory with its upstream clients, closed on exit: for the server
-    and for commands that run beside (or without) it; SQLite in WAL mode lets both in."""
+    and for commands that run beside (or without) it; SQLite in WAL mode lets both in. The
+    server (`set_aside_corrupt`) first moves a corrupt database aside, to be rebuilt: only the
+    process that owns the data may, not a command beside it."""
     store = BlobStore(settings.storage_root)
     metadata = Metadata(store.root / DATABASE_FILE)
+    if set_aside_corrupt:
+        await asyncio.to_thread(set_aside_if_corrupt, metadata.path)
     await metadata.open()
     upstreams = {
         name: UpstreamClient(

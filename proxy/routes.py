@@ -33,6 +33,8 @@ from .typedefs import Handler
 __all__ = [
     "API_VERSION_HEADERS",
     "CACHE_STATUS",
+    "READ_METHODS",
+    "WRITE_METHODS",
     "Routes",
     "parse_range",
     "require_read",
@@ -43,8 +45,8 @@ log = logging.getLogger(__name__)
 
 API_VERSION_HEADERS: Final = {"Docker-Distribution-Api-Version": "registry/2.0"}
 CACHE_STATUS: Final = "cache_status"
-_WRITE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-_READ_METHODS: Final = frozenset({"GET", "HEAD"})
+WRITE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+READ_METHODS: Final = frozenset({"GET", "HEAD"})
 _DOCKER_HUB_NAMES: Final = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
 _ROUTE_MEMO_SIZE: Final = 1024
 
@@ -170,9 +172,9 @@ def _upstream_query(request: web.BaseRequest) -> dict[str, str]:
 
 def require_read(request: web.BaseRequest) -> None:
     """Refuse writes (this is a read-only cache) and methods the API does not have."""
-    if request.method in _WRITE_METHODS:
+    if request.method in WRITE_METHODS:
         raise RegistryError(errors.UNSUPPORTED, "this registry is a read-only cache")
-    if request.method not in _READ_METHODS:
+    if request.method not in READ_METHODS:
         raise RegistryError(errors.UNSUPPORTED, f"method {request.method} is not supported")
 
 
@@ -198,8 +200,7 @@ class Routes:
         self._sender = BlobSender()
 
     async def base(self, request: web.BaseRequest) -> web.Response:
-        """`/v2/`: the API version check clients make first."""
-        require_read(request)
+        """`/v2/`: the API version check clients make first (only reads are routed here)."""
         return web.json_response({}, headers=API_VERSION_HEADERS)
 
     async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:

@@ -7,12 +7,10 @@ the most pulled repositories) and the serving path pays nothing for it.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import importlib.metadata
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, TypedDict
 
@@ -263,13 +261,3 @@ class StatusCollector:
             {**dataclasses.asdict(status), "uptime_seconds": status.uptime},
             headers={"Cache-Control": "no-store"},
         )
-
-    @asynccontextmanager
-    async def sampling(self) -> AsyncIterator[None]:
-        """The traffic history's sampling task, for as long as the server runs."""
-        task = asyncio.create_task(self.history.run(), name="traffic-history")
-        try:
-            yield
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
