@@ -104,8 +104,12 @@ class TokenCache:
                     self._by_scope.discard(expired)
         self._by_scope.put(scope, token)
 
-    def discard(self, scope: str) -> None:
-        self._by_scope.discard(scope)
+    def discard(self, scope: str, sent: str | None) -> None:
+        """Forget the token for `scope` if it is the one `sent` (an Authorization header): one a
+        concurrent request has just fetched instead is left alone."""
+        token = self._by_scope.get(scope)
+        if token is not None and sent == f"Bearer {token.value}":
+            self._by_scope.discard(scope)
 
 
 def next_page_query(link: str) -> str | None:
@@ -323,19 +327,16 @@ class UpstreamClient:
         challenge = response.headers.get("WWW-Authenticate", "")
         response.release()
         scheme, params = _parse_challenge(challenge)
+        challenged = params.get("scope") or scope
         if scheme == "basic" and login is not None:
             self._basic_auth = True
         elif scheme == "bearer" and "realm" in params:
-            challenged = params.get("scope") or scope
-            kept = self._tokens.get(challenged)
-            if kept is not None and authorization == f"Bearer {kept.value}":
-                # The token we sent was refused, perhaps expired early: never reuse it (one a
-                # concurrent request has just fetched instead is left alone).
-                self._tokens.discard(challenged)
+            # The token we sent was refused, perhaps expired early: never reuse it.
+            self._tokens.discard(challenged, sent=authorization)
             await self._refresh_token(params, challenged, login)
         else:
             raise UpstreamUnauthorized(401, f"{self.settings.name} requires credentials we lack")
-        authorization = self._authorization(url, params.get("scope") or scope, login)
+        authorization = self._authorization(url, challenged, login)
         return await self._send_following_redirects(method, url, headers, authorization, data)
 
     def _authorization(self, url: URL, scope: str, login: tuple[str, str] | None) -> str | None:
