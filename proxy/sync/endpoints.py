@@ -40,13 +40,13 @@ def with_sync_logins(settings: Settings, config: SyncConfig) -> Settings:
 
 
 class Endpoints:
-    """The sync worker's registries; `settings` carry the sync file's logins already (the
-    cache, when there is one, was opened with the same)."""
+    """The sync worker's registries, reached with the sync file's logins (the cache, when there
+    is one, must be opened with the same: `with_sync_logins`)."""
 
     def __init__(
         self, settings: Settings, config: SyncConfig, metrics: Metrics, cache: Cache | None
     ) -> None:
-        self.settings = settings
+        self.settings = with_sync_logins(settings, config)
         self.config = config
         self.metrics = metrics
         self.cache = cache

@@ -58,8 +58,7 @@ class SyncBoard:
 
 
 async def serve(board: SyncBoard, cache: Cache, metrics: Metrics) -> None:
-    """Run `board`'s entries until cancelled, telling it how each run went; the cache was
-    opened with the sync file's logins (`with_sync_logins`), and its settings serve both."""
+    """Run `board`'s entries until cancelled, telling it how each run went."""
     config = board.config
     endpoints = Endpoints(cache.settings, config, metrics, cache)
     worker = Worker(config, endpoints, metrics, cache.metadata, on_result=board.record)
