@@ -7,7 +7,6 @@ on the wire, and a control case shows the same setup does reach it when it is al
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from tests.test_pull import ACCEPT_ALL, assert_same_image, one_upstream
 
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 UPSTREAM_CREDS = ("robot", "upstream-secret")
-UPSTREAM_BASIC = "Basic " + base64.b64encode(":".join(UPSTREAM_CREDS).encode()).decode()
+UPSTREAM_BASIC = basic(*UPSTREAM_CREDS)["Authorization"]
 
 
 @pytest.fixture

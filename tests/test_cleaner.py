@@ -258,8 +258,7 @@ def test_tags_keep_working_after_a_clean_beside_the_server(
     tmp_path: Path, upstream: Registry, start_proxy: StartProxy
 ) -> None:
     (image,) = images(tmp_path, upstream, 1, 10_000)
-    upstreams = [{"name": "test.local", "url": upstream.url, "manifest_ttl": 0}]
-    proxy = start_proxy({"upstreams": upstreams, "default_upstream": "test.local"})
+    proxy = start_proxy(one_upstream(upstream, manifest_ttl=0))
     path = "/v2/test.local/app0/manifests/v1"
     for _ in range(2):  # fetched, then read back: the server keeps it in memory
         assert proxy.get(path)[0] == 200

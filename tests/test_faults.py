@@ -334,6 +334,16 @@ def test_full_disk_streams_without_caching_and_the_cleaner_makes_room(
     assert verified.returncode == 0 and "0 corrupt" in verified.stdout
 
 
+def fill_leaving(disk: Path, free: int) -> None:
+    """Take all the room on `disk` but `free` bytes, with one file."""
+    filler = disk / "filler"
+    with open(filler, "wb") as file, contextlib.suppress(OSError):
+        while True:
+            file.write(bytes(64 * 1024))
+            file.flush()
+    os.truncate(filler, filler.stat().st_size - free)
+
+
 def test_a_full_disk_serves_manifests_without_caching_them(
     tmp_path: Path, upstream: Registry, start_proxy: StartProxy, small_disk: Path
 ) -> None:
@@ -345,10 +355,7 @@ def test_a_full_disk_serves_manifests_without_caching_them(
         {**one_upstream(upstream, manifest_ttl=0), "storage": {"root": str(small_disk)}}
     )
     assert proxy.get("/v2/test.local/cached/app/manifests/v1")[0] == 200
-    with open(small_disk / "filler", "wb") as filler, contextlib.suppress(OSError):
-        for _ in range(24 * 16):
-            filler.write(bytes(64 * 1024))
-            filler.flush()
+    fill_leaving(small_disk, 0)
 
     # A new manifest (the store is full) and a cached tag revalidated (the database is full).
     for repository, image in (("new", new), ("cached", cached)):
@@ -373,16 +380,6 @@ def test_a_full_disk_takes_back_parked_partial_downloads_first(
     wait_for(lambda: not parked.exists(), "the parked partial to be given back")
     skopeo.copy(ref, f"dir:{tmp_path / 'second'}")
     assert skopeo.read_dir_copy(tmp_path / "second").blobs == image.blobs
-
-
-def fill_leaving(disk: Path, free: int) -> None:
-    """Take all the room on `disk` but `free` bytes, with one file."""
-    filler = disk / "filler"
-    with open(filler, "wb") as file, contextlib.suppress(OSError):
-        while True:
-            file.write(bytes(64 * 1024))
-            file.flush()
-    os.truncate(filler, filler.stat().st_size - free)
 
 
 def test_a_blob_the_full_database_cannot_record_is_not_kept(

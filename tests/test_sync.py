@@ -52,6 +52,7 @@ from tests.support.proxy import Proxy
 from tests.support.registry import Registry
 from tests.support.standin import StandIn, blob_files
 from tests.support.wait import wait_for
+from tests.test_pull import one_upstream
 
 NOW = datetime.datetime(2026, 11, 23, 14, 5, 9).astimezone()
 WORKSHOP_BACKUP = (
@@ -883,10 +884,7 @@ async def test_creds_log_in_and_throttle_for_entries_into_the_cache(
 ) -> None:
     wanted = image(tmp_path, "wanted", 15)
     push(wanted, basic_upstream.host, "app", "v1", creds=CREDS)
-    cache = {
-        "upstreams": [{"name": "test.local", "url": basic_upstream.url}],
-        "default_upstream": "test.local",
-    }
+    cache = one_upstream(basic_upstream)
     login = {"registry": "test.local", "user": "alice", "pass": "wonderland"}
     config = {
         "creds": [{**login, "reqPerSec": 50, "reqConcurrent": 1}],
