@@ -129,20 +129,31 @@ class Cleaner:
         await self.metadata.refresh_totals()
         if not (needed or self.budgeted_size() > self.settings.high_water_mark):
             return
-        # Down to the limit, or lower by as much as what is on its way in would pass the
-        # high-water mark when it lands (a burst of cold pulls); lower still only when the
-        # disk needs room now. (Not to the items' size of this moment: parked partials can
-        # pass the mark below the limit, and an item stored while this pass runs would then
-        # be evicted at once.)
-        target = min(self.settings.max_size, self.settings.high_water_mark - self.incoming())
-        if needed:
-            target = min(target, self.metadata.total_size - needed)
-        report = await self.clean(max_size=max(target, 0))
+        report = await self.clean(needed=needed)
         if needed > report.freed and self.metadata.total_size > 0:
             self._room_needed = max(self._room_needed, needed - report.freed)
 
-    async def clean(self, max_size: int | None = None, dry_run: bool = False) -> EvictionReport:
-        """Evict least recently used items until the cache holds at most `max_size`."""
+    def _target(self, total: int, needed: int) -> int:
+        """Where a pass evicts down to, given the items' `total` at the same moment as
+        `incoming()` (read apart, a download landing in between counts twice).
+
+        Down to the limit, or lower by as much as what is on its way in would pass the
+        high-water mark when it lands (a burst of cold pulls); lower still only when the disk
+        needs room now. (Not to the items' size of this moment: parked partials can pass the
+        mark below the limit, and an item stored while the pass runs would then be evicted
+        at once.)
+        """
+        target = min(self.settings.max_size, self.settings.high_water_mark - self.incoming())
+        if needed:
+            target = min(target, total - needed)
+        return max(target, 0)
+
+    async def clean(
+        self, max_size: int | None = None, dry_run: bool = False, needed: int = 0
+    ) -> EvictionReport:
+        """Evict least recently used items until the cache holds at most `max_size`; by
+        default, what the budget allows, with room for the downloads in flight and for
+        `needed` more bytes."""
         async with self._lock:
             started = time.monotonic()
             try:
@@ -150,8 +161,8 @@ class Cleaner:
             except sqlite3.OperationalError as exc:
                 # On a full disk even SQLite cannot write; evicting (files first) makes room.
                 log.warning("evicting with access times not yet written: %s", exc)
-            target = self.settings.max_size if max_size is None else max_size
             total, _ = await self.metadata.totals()
+            target = self._target(total, needed) if max_size is None else max_size
             pinned = await self.metadata.pinned_size()
             if pinned > target:
                 log.warning(

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from cleaner.service import Cleaner
-from proxy.metadata import Metadata
+from proxy.metadata import ItemRecord, Metadata
+from proxy.metrics import Metrics
 from proxy.settings import CleanerSettings, ConfigError, load_settings
 from proxy.store import BlobStore
 from tests.conftest import StartProxy
@@ -225,6 +226,51 @@ async def test_the_cleaner_outlives_a_failed_database_read(
     finally:
         serving.cancel()
         waiting.cancel()
+        await metadata.close()
+
+
+async def test_a_download_landing_during_a_pass_counts_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass started for a download in flight must not count it twice when it lands during
+    the pass (as the items' total, and in the room kept for it): that evicted a used image."""
+    metadata = Metadata(tmp_path / "metadata.db")
+    await metadata.open()
+    older, newer, landing = (f"sha256:{hex_digit * 64}" for hex_digit in "abc")
+    for digest in (older, newer):
+        await metadata.add_item(ItemRecord(digest, "blob", 1050, None), None)
+    in_flight = {landing: 1050}
+    metrics = Metrics()
+    settings = CleanerSettings(max_size=2500, threshold_percentage=20, run_every=3600)
+    cleaner = Cleaner(
+        settings,
+        BlobStore(tmp_path / "store"),
+        metadata,
+        incoming=lambda: sum(in_flight.values()),
+        metrics=metrics,
+    )
+    flush = metadata.flush_access_times
+
+    async def land_then_flush() -> int:
+        if landing in in_flight:  # the first flush is the pass's
+            size = in_flight.pop(landing)
+            await metadata.add_item(ItemRecord(landing, "blob", size, None), None)
+        return await flush()
+
+    monkeypatch.setattr(metadata, "flush_access_times", land_then_flush)
+    serving = asyncio.create_task(cleaner.serve())
+    try:
+        cleaner.nudge()  # 2,100 stored and 1,050 incoming pass the 3,000-byte mark
+        for _ in range(1000):
+            if metrics.registry.get_sample_value("registry_cache_cleaner_runs_total"):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("no cleaner pass")
+        remaining = {item.digest for item in await metadata.items()}
+        assert remaining == {newer, landing}
+    finally:
+        serving.cancel()
         await metadata.close()
 
 
