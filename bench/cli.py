@@ -119,4 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.docs:
         replace_section(args.docs, results.markdown())
     print(results.markdown())
+    if failed := results.failed_pulls("ours"):
+        # The baseline's failures are part of the comparison; ours are a defect.
+        log.error("%d pulls through registry-cache failed", failed)
+        return 1
     return 0

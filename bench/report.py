@@ -44,9 +44,11 @@ METRICS = (
     Metric("warm_pull_client_cores", "warm pull: cores busy in skopeo", "cores", "neither"),
     Metric("warm_pull_server_cores", "warm pull: cores busy in the server", "cores", "lower"),
     Metric("cold_pulls", "8 concurrent cold pulls", "s", "lower"),
+    Metric("cold_pulls_failed", "8 concurrent cold pulls: pulls that failed", "pulls", "lower"),
     Metric("cold_pulls_upstream", "8 concurrent cold pulls: upstream served", "x image", "lower"),
     Metric("cold_pulls_rss", "8 concurrent cold pulls: peak RSS", "MiB", "lower"),
     Metric("warm_pulls", "8 concurrent warm pulls", "s", "lower"),
+    Metric("warm_pulls_failed", "8 concurrent warm pulls: pulls that failed", "pulls", "lower"),
     Metric("warm_pulls_rss", "8 concurrent warm pulls: peak RSS", "MiB", "lower"),
     Metric(
         "warm_pulls_client_cores",
@@ -100,6 +102,11 @@ class Results:
 
     def add(self, key: str, server: str, value: float) -> None:
         self.samples[key][server].append(value)
+
+    def failed_pulls(self, server: str) -> int:
+        """Pulls that failed on `server`, over every workload that counts them."""
+        counts = (self.samples.get(m.key, {}).get(server, []) for m in METRICS if m.unit == "pulls")
+        return int(sum(sum(values) for values in counts))
 
     def _medians(self, key: str) -> dict[str, float]:
         return {s: statistics.median(v) for s, v in self.samples[key].items() if v}

@@ -140,16 +140,19 @@ def concurrent_pulls(bench: Bench, server: Server) -> None:
     pids = server_pids(server)
     reset_peak(pids)
     bench.upstream.clear_requests()
-    bench.record("cold_pulls", server, clients.pulls(server.host, _image(BIG), dest, count))
+    cold, failed = clients.pulls(server.host, _image(BIG), dest, count)
+    bench.record("cold_pulls", server, cold)
     if server.name == "direct":
         return
+    bench.record("cold_pulls_failed", server, failed)
     served = bench.served() / Images.size(bench.images.big)
     bench.record("cold_pulls_upstream", server, served)
     bench.record("cold_pulls_rss", server, peak_rss(pids) / MiB)
     reset_peak(pids)
     with cores_busy(pids) as busy:
-        warm = clients.pulls(server.host, _image(BIG), dest, count)
+        warm, failed = clients.pulls(server.host, _image(BIG), dest, count)
     bench.record("warm_pulls", server, warm)
+    bench.record("warm_pulls_failed", server, failed)
     bench.record("warm_pulls_rss", server, peak_rss(pids) / MiB)
     bench.record("warm_pulls_client_cores", server, busy.clients)
     bench.record("warm_pulls_server_cores", server, busy.servers)
