@@ -196,10 +196,16 @@ class Cleaner:
             return False
         # The check above and the unlink run without yielding to the event loop, so no
         # request can start reading this file in between.
-        self.store.delete(Digest.parse(victim.digest))
+        digest = Digest.parse(victim.digest)
+        had_file = self.store.size(digest) is not None
+        self.store.delete(digest)
         try:
             await self.metadata.remove_item(victim.digest)
         except sqlite3.OperationalError as exc:
+            if not had_file:
+                # An earlier pass evicted it and could not drop the record either: nothing
+                # was freed now, and nothing is counted.
+                return False
             # The file is gone and its space free; the record goes on a later pass (or at
             # start-up), and meanwhile a request finds no file and fetches it again.
             log.warning("evicted %s, record kept for now: %s", victim.digest, exc)

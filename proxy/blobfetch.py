@@ -172,6 +172,12 @@ class BlobFetcher:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def write_failed(self, exc: BaseException, needed: int) -> None:
+        """A write into the cache failed (here, or a manifest's or tag's elsewhere): if for
+        want of space, the whole cache reacts as one, as below."""
+        if _disk_full(exc):
+            self._disk_filled(needed)
+
     def _disk_filled(self, needed: int) -> None:
         """A write found no room: serve uncached for a while, give back what parked partial
         downloads hold, and have the cleaner free at least `needed` bytes."""
@@ -238,8 +244,7 @@ class BlobFetcher:
             download.temp_path.unlink(missing_ok=True)
             if recorded:
                 await self._forget(digest)
-            if _disk_full(exc):
-                self._disk_filled(download.written)
+            self.write_failed(exc, download.written)
             return False
         return True
 

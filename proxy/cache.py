@@ -246,6 +246,7 @@ class Cache:
                 await self._keep_manifest(target, manifest, children)
                 await self.metadata.set_tag(*key, record)
         except (OSError, sqlite3.Error) as exc:
+            self.fetcher.write_failed(exc, len(manifest.data))
             where = f"{target.upstream}/{target.repository}:{tag}"
             log.warning("serving %s without recording the tag: %s", where, exc)
 
@@ -333,6 +334,7 @@ class Cache:
             await self._keep_manifest(target, manifest, children)
         except (OSError, sqlite3.Error) as exc:
             # A full disk: the cleaner makes room, and meanwhile pulls go on uncached.
+            self.fetcher.write_failed(exc, len(data))
             log.warning("serving manifest %s without caching it: %s", digest, exc)
         return manifest
 

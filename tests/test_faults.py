@@ -362,6 +362,15 @@ def test_a_full_disk_serves_manifests_without_caching_them(
         status, headers, body = proxy.get(f"/v2/test.local/{repository}/app/manifests/v1")
         assert (status, headers["Docker-Content-Digest"], body) == (200, image.digest, image.raw)
     assert f"serving manifest {new.digest} without caching it" in proxy.log()
+    # As for a blob that does not fit: the cleaner makes room (here it can only take the one
+    # manifest stored), and the cache tells its readiness probe.
+    wait_for(lambda: proxy.metric("evicted_items_total") == 1, "the cleaner to make room")
+    status, _, body = proxy.get("/readyz")
+    assert status == 503 and b"disk is full" in body
+    # It keeps looking for room (the filler is not the cache's to take), but what it evicted
+    # once, file gone and record kept by the full database, is not counted again.
+    wait_for(lambda: proxy.metric("cleaner_runs_total") >= 3, "the cleaner to try again")
+    assert proxy.metric("evicted_items_total") == 1
 
 
 def test_a_full_disk_takes_back_parked_partial_downloads_first(
