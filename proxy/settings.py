@@ -541,7 +541,7 @@ class _Loader:
         if secret is not None:
             logins = _read_pull_secret(Path(require_string(secret, secret_key)))
             for name, host_login, scoped in _logins_by_host(logins):
-                url = _PUBLIC_REGISTRIES.get(name, f"https://{name}")
+                url = _default_url(name)
                 known = upstreams.get(name) or _make_upstream(name, url, None, None, manifest_ttl)
                 if host_login is not None:
                     known = replace(
@@ -560,7 +560,7 @@ class _Loader:
             key,
         )
         name = _registry_name(require_string(section.get("name"), f"{key}.name"), f"{key}.name")
-        url = section.get("url") or _PUBLIC_REGISTRIES.get(name, f"https://{name}")
+        url = section.get("url") or _default_url(name)
         url = require_string(url, f"{key}.url").rstrip("/")
         if not re.fullmatch(r"https?://[^/?#\s]+(?:/[^?#\s]*)?", url):
             raise ConfigError(f"{key}.url: expected an http(s) URL, got {url!r}")
@@ -612,9 +612,13 @@ def registry_upstream(
 ) -> UpstreamSettings:
     """Settings for a registry that is not one of the cache's upstreams (a sync `creds` entry):
     the well-known registries get their real API host and extra domains."""
-    return _make_upstream(
-        name, url or _PUBLIC_REGISTRIES.get(name, f"https://{name}"), username, password, 300.0
-    )
+    return _make_upstream(name, url or _default_url(name), username, password, 300.0)
+
+
+def _default_url(name: str) -> str:
+    """Where a registry named without a URL is reached: a well-known one's real API host (Docker
+    Hub's is not docker.io), any other over HTTPS at its name."""
+    return _PUBLIC_REGISTRIES.get(name, f"https://{name}")
 
 
 def _registry_name(text: str, key: str) -> str:
