@@ -13,17 +13,17 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import yaml
 
+from tests.support.lifecycle import StartStop
 from tests.support.ports import free_port
 
 _READY_TIMEOUT = 20.0
 
 
-class Proxy:
+class Proxy(StartStop):
     """`registry-cache serve` on a free loopback port, with a config file written for it."""
 
     def __init__(
@@ -172,14 +172,3 @@ class Proxy:
         except urllib.error.HTTPError as error:
             with error:
                 return error.code, dict(error.headers), error.read()
-
-    def __enter__(self) -> Proxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

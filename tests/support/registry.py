@@ -19,9 +19,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
+from tests.support.lifecycle import StartStop
 from tests.support.ports import free_port
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def htpasswd_line(user: str, password: str, kind: str = "-B") -> str:
     return proc.stdout.strip()
 
 
-class Registry:
+class Registry(StartStop):
     """A `docker-registry serve` subprocess on 127.0.0.1, storage under `workdir`.
 
     The port is chosen once, so stop() + start() brings the same registry,
@@ -285,17 +285,6 @@ class Registry:
     def restart(self) -> Registry:
         self.stop()
         return self.start()
-
-    def __enter__(self) -> Registry:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def tail_app_log(self, lines: int = 20) -> str:
         try:

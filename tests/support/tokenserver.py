@@ -20,7 +20,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import jwt
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.support.lifecycle import StartStop
 from tests.support.ports import free_port
 
 DEFAULT_SERVICE = "registry-test"
@@ -105,7 +105,7 @@ def parse_scope(scope: str) -> tuple[str, str, list[str]] | None:
     return rtype, name, [a for a in actions.split(",") if a]
 
 
-class TokenServer:
+class TokenServer(StartStop):
     """Issues ES256 JWTs that a distribution registry configured with
     `auth.token` (issuer, service, rootcertbundle=`cert_path`) accepts.
 
@@ -336,14 +336,3 @@ class TokenServer:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         self._loop = self._thread = self._runner = None
-
-    def __enter__(self) -> TokenServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
