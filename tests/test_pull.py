@@ -177,6 +177,9 @@ def test_authenticated_upstreams(
     registry: Registry = request.getfixturevalue(f"{kind}_upstream")
     image = write_layout(tmp_path / "layout", "v1", None, [50_000, 60_000], seed=5)
     push(image, registry.host, "private/app", creds=CREDS)
+    if kind == "token":
+        # skopeo's push fetches tokens of its own, one or several as its uploads race.
+        request.getfixturevalue("token_server").clear_requests()
     good = start_proxy(one_upstream(registry, username="alice", password="wonderland"))
     bad = start_proxy(one_upstream(registry, username="alice", password="wrong-password"))
 
@@ -190,7 +193,7 @@ def test_authenticated_upstreams(
             if user == "alice" and "private/app" in str(scope)
         ]
         # One token for the repository, reused for the manifest and every blob.
-        assert 1 <= len(scopes) <= 2
+        assert scopes == ["repository:private/app:pull"]
 
     failed = skopeo.copy(
         f"docker://{bad.host}/test.local/private/app:v1",
