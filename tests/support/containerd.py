@@ -11,12 +11,13 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
+
+from tests.support.lifecycle import StartStop
 
 _READY_TIMEOUT = 20.0
 
 
-class Containerd:
+class Containerd(StartStop):
     """`containerd` on a socket of its own, stopped (and its files removed) on exit."""
 
     def __init__(self, workdir: Path) -> None:
@@ -27,7 +28,7 @@ class Containerd:
         self.hosts_dir = workdir / "certs.d"
         self._process: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> Containerd:
+    def start(self) -> Containerd:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "config.toml"
         config.write_text(
@@ -48,7 +49,7 @@ class Containerd:
         deadline = time.monotonic() + _READY_TIMEOUT
         while not self.socket.exists():
             if self._process.poll() is not None or time.monotonic() > deadline:
-                self.__exit__(None, None, None)
+                self.stop()
                 raise RuntimeError("containerd did not start")
             time.sleep(0.05)  # polling for the socket, bounded by the deadline
         return self
@@ -91,12 +92,7 @@ class Containerd:
                 return next(field for field in fields if field.startswith("sha256:"))
         raise AssertionError(f"{reference} not in:\n{listed}")
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         process, self._process = self._process, None
         if process is not None:
             process.terminate()

@@ -13,12 +13,12 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
+from tests.support.lifecycle import StartStop
 from tests.support.skopeo import DEFAULT_TIMEOUT, CommandError, env
 
 
-class Podman:
+class Podman(StartStop):
     """Runs podman against a private image store under `workdir`."""
 
     def __init__(self, workdir: Path) -> None:
@@ -26,19 +26,12 @@ class Podman:
         workdir.mkdir(parents=True, exist_ok=True)
         self.runroot = Path(tempfile.mkdtemp(prefix="rc-podman-"))
 
-    def close(self) -> None:
-        shutil.rmtree(self.runroot, ignore_errors=True)
-
-    def __enter__(self) -> Podman:
+    def start(self) -> Podman:
+        """Nothing runs between commands: each is a process of its own."""
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    def stop(self) -> None:
+        shutil.rmtree(self.runroot, ignore_errors=True)
 
     def run(
         self,

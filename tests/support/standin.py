@@ -15,18 +15,18 @@ import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import TracebackType
 from typing import TypeVar
 
 from aiohttp import web
 
 from tests.support.images import OCI_INDEX, Image
+from tests.support.lifecycle import StartStop
 from tests.support.ports import free_port
 
 T = TypeVar("T")
 
 
-class StandIn:
+class StandIn(StartStop):
     """An aiohttp registry look-alike in a background thread, serving `image` as `repo`."""
 
     def __init__(self, image: Image, repo: str, host: str = "127.0.0.1") -> None:
@@ -160,17 +160,12 @@ class StandIn:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def __enter__(self) -> StandIn:
+    def start(self) -> StandIn:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
