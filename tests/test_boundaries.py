@@ -73,6 +73,8 @@ def test_every_write_method_on_every_route_is_refused(
         f"dir:{tmp_path / 'copy'}",
         src_creds="alice:wonderland",
     )
+    stored = {digest.removeprefix("sha256:") for digest in image.blobs}
+    wait_for(lambda: stored <= blob_files(proxy.data), "the image to be stored")
     cached = blob_files(proxy.data)
     upstream.clear_requests()
 

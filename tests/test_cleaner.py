@@ -52,8 +52,12 @@ def images(tmp_path: Path, registry: Registry, count: int, layer: int) -> list[I
 
 
 def pull(proxy: Proxy, index: int, dest: Path, check: bool = True) -> bool:
+    """Pull an image, and wait until the cache has stored what it fetched (the order in which
+    images were stored and used is what the cleaner goes by)."""
     ref = f"docker://{proxy.host}/test.local/app{index}:v1"
-    return skopeo.copy(ref, f"dir:{dest}", check=check, timeout=60).returncode == 0
+    pulled = skopeo.copy(ref, f"dir:{dest}", check=check, timeout=60).returncode == 0
+    proxy.settled()
+    return pulled
 
 
 def held(image: Image, data: Path) -> bool:
@@ -75,8 +79,7 @@ def test_lru_eviction_keeps_the_recently_used_image(
     wait_for(
         lambda: proxy.metric("cache_size_bytes") <= 2.5 * MiB, "the cache to shrink", timeout=20.0
     )
-    # C's last blob is committed just after skopeo has it.
-    wait_for(lambda: held(a, proxy.data) and held(c, proxy.data), "A and C to be stored")
+    assert held(a, proxy.data) and held(c, proxy.data)
     assert not held(b, proxy.data)
 
     upstream.stop()

@@ -197,7 +197,7 @@ def test_smuggling_and_absurd_headers_are_refused(proxy: Proxy, request_bytes: b
 def connect_from(source: str, port: int) -> socket.socket:
     """A connection to the cache from a chosen loopback address."""
     connection = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    connection.settimeout(10)
+    connection.settimeout(20)
     connection.bind((source, 0))
     connection.connect(("127.0.0.1", port))
     return connection
@@ -216,7 +216,8 @@ def test_slow_clients_do_not_hold_the_server(
     config: dict[str, Any] = {
         "upstreams": [{"name": "test.local", "url": faulty.url}],
         "default_upstream": "test.local",
-        "http": {"idletimeout": "2s", "maxconnsperaddress": 10},
+        # Long enough that the connections below are all still open on a loaded machine.
+        "http": {"idletimeout": "5s", "maxconnsperaddress": 10},
     }
     proxy = start_proxy(config)
     slowloris = [connect_from("127.0.0.1", proxy.port) for _ in range(10)]
@@ -235,7 +236,7 @@ def test_slow_clients_do_not_hold_the_server(
     other.close()
 
     # The headers never complete: each connection is closed once the idle timeout passes
-    # (the socket timeout of 10 s bounds the wait).
+    # (the socket timeout of 20 s bounds the wait).
     assert all(closed_by_server(connection) for connection in slowloris)
     for connection in slowloris:
         connection.close()

@@ -9,7 +9,7 @@ import json
 import time
 from typing import Any
 
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.logs import AccessLines, access_members
@@ -91,6 +91,7 @@ _ACCESS_FIELDS = st.fixed_dictionaries(
 )
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # a loaded CI machine
 @given(_ACCESS_FIELDS)
 def test_access_members_are_written_as_json_dumps_writes_them(fields: dict[str, Any]) -> None:
     order = ("method", "path", "status", "size", "cache", "duration_ms", "remote", "user")

@@ -219,12 +219,14 @@ def test_corrupt_upstream_bytes_never_enter_the_cache(
 
         failed = skopeo.copy(ref, f"dir:{tmp_path / 'bad'}", check=False, timeout=60)
         assert failed.returncode != 0
+        proxy.settled()
         assert layer.removeprefix("sha256:") not in blob_files(proxy.data)
         assert list((proxy.data / "tmp").iterdir()) == []
 
         standin.corrupt.clear()
         skopeo.copy(ref, f"dir:{tmp_path / 'good'}")
         assert_same_image(skopeo.read_dir_copy(tmp_path / "good"), image)
+        proxy.settled()
         assert layer.removeprefix("sha256:") in blob_files(proxy.data)
 
 

@@ -90,6 +90,7 @@ def pulled(tmp_path: Path, start_proxy: StartProxy) -> Iterator[Pulled]:
         for n, repository in enumerate(["app", "app", "tool"]):
             ref = f"docker://{proxy.host}/test.local/team/{repository}:v1"
             skopeo.copy(ref, f"dir:{tmp_path / f'copy{n}'}")
+            proxy.settled()  # the second pull of app is served from the cache
         failed = skopeo.copy(
             f"docker://{proxy.host}/down.local/team/app:v1", f"dir:{tmp_path / 'x'}", check=False
         )

@@ -19,6 +19,7 @@ import yaml
 
 from tests.support.lifecycle import StartStop
 from tests.support.ports import free_port
+from tests.support.wait import wait_for
 
 _READY_TIMEOUT = 20.0
 
@@ -141,13 +142,19 @@ class Proxy(StartStop):
 
     def metric(self, name: str, labels: str = "") -> float:
         """One sample from /metrics (0 when absent): metric("cache_hits_total", 'kind="blob"')."""
-        _, _, body = self.get("/metrics")
+        status, _, body = self.get("/metrics")
+        assert status == 200, f"/metrics answered {status}"
         wanted = f"registry_cache_{name}{{{labels}}}" if labels else f"registry_cache_{name}"
         for line in body.decode().splitlines():
             key, _, value = line.rpartition(" ")
             if key == wanted:
                 return float(value)
         return 0.0
+
+    def settled(self) -> None:
+        """Wait until every download is stored: a client has a blob's last byte a moment
+        before the cache has committed it, so what a test reads of the store must wait."""
+        wait_for(lambda: self.metric("inflight_downloads") == 0, "the downloads to be stored")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
