@@ -73,7 +73,9 @@ METRICS = (
     ),
     Metric("many_cold", "cold pull, many-layer image", "s", "lower"),
     Metric("many_warm", "warm pull, many-layer image", "s", "lower"),
+    Metric("failed_workloads", "workloads its client saw fail, per run", "workloads", "lower"),
 )
+_FAILED = ("pulls", "workloads")  # the units of the rows that count failures
 
 
 def _advantage(metric: Metric, baseline: float, ours: float) -> float:
@@ -103,9 +105,9 @@ class Results:
     def add(self, key: str, server: str, value: float) -> None:
         self.samples[key][server].append(value)
 
-    def failed_pulls(self, server: str) -> int:
-        """Pulls that failed on `server`, over every workload that counts them."""
-        counts = (self.samples.get(m.key, {}).get(server, []) for m in METRICS if m.unit == "pulls")
+    def failures(self, server: str) -> int:
+        """Pulls and whole workloads that failed on `server`."""
+        counts = (self.samples.get(m.key, {}).get(server, []) for m in METRICS if m.unit in _FAILED)
         return int(sum(sum(values) for values in counts))
 
     def _medians(self, key: str) -> dict[str, float]:
