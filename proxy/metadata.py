@@ -372,6 +372,9 @@ class Metadata:
             )
 
         await self._run(delete)
+        # A grant whose database work was queued before the delete (a confirmation in flight)
+        # has added itself back meanwhile: the revoke, which saw the refusal, wins.
+        self._grants.pop((upstream, repository), None)
 
     async def remove_item(self, digest: str) -> None:
         """Forget an item whose file was deleted; its tags, holdings and links go with it."""

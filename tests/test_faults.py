@@ -3,6 +3,7 @@ clients that leave. Nothing may be lost, nothing partial may be served as comple
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import http.client
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.metadata import ItemRecord, Metadata
 from tests.conftest import CREDS, StartProxy
 from tests.support import skopeo
 from tests.support.faulty import FaultyUpstream
@@ -207,6 +209,28 @@ def test_a_repository_its_upstream_refuses_loses_what_it_was_granted(
     assert proxy.get("/v2/test.local/faulty/app/manifests/v1")[0] == 403
     status, _, body = proxy.get(blob_path(layer))
     assert (status, json.loads(body)["errors"][0]["code"]) == (403, "DENIED")
+
+
+async def test_a_refusal_outranks_a_confirmation_already_under_way(tmp_path: Path) -> None:
+    """A grant (a HEAD's confirmation) whose database work was queued just before a revoke
+    must not add itself back after the revoke: the repository stays refused."""
+    metadata = Metadata(tmp_path / "metadata.db")
+    await metadata.open()
+    try:
+        digest = f"sha256:{'d' * 64}"
+        await metadata.add_item(ItemRecord(digest, "blob", 10, None), None)
+        await asyncio.gather(
+            metadata.hold("test.local", "app", digest), metadata.revoke("test.local", "app")
+        )
+        assert not metadata.granted("test.local", "app", digest)
+    finally:
+        await metadata.close()
+    reopened = Metadata(tmp_path / "metadata.db")
+    await reopened.open()
+    try:
+        assert not reopened.granted("test.local", "app", digest)
+    finally:
+        await reopened.close()
 
 
 def test_redirect_to_a_failing_blob_store(
