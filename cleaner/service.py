@@ -161,9 +161,13 @@ class Cleaner:
             except sqlite3.OperationalError as exc:
                 # On a full disk even SQLite cannot write; evicting (files first) makes room.
                 log.warning("evicting with access times not yet written: %s", exc)
-            total, _ = await self.metadata.totals()
-            target = self._target(total, needed) if max_size is None else max_size
             pinned = await self.metadata.pinned_size()
+            total, _ = await self.metadata.totals()
+            # The items' total, the downloads in flight and the parked partials are read in one
+            # step, no await between: a download that lands (into the total) or is cut (into
+            # the parked partials) is then counted once.
+            target = self._target(total, needed) if max_size is None else max_size
+            parked = self._parked()
             if pinned > target:
                 log.warning(
                     "pinned images alone take %d bytes, over the %d-byte budget; "
@@ -172,7 +176,6 @@ class Cleaner:
                     target,
                 )
             report = EvictionReport(total, target)
-            parked = self._parked()
             total += sum(entry.size for entry in parked)
             for entry in parked:
                 if total <= target:
