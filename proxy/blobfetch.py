@@ -29,7 +29,7 @@ from .reference import Digest, Target
 from .store import BlobStore
 from .upstream import UpstreamClient
 
-__all__ = ["BlobFetcher", "DirectTransfer"]
+__all__ = ["BlobFetcher", "DirectTransfer", "disk_full_error"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,11 @@ def _disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in _DISK_FULL
     return sqlite_code(exc) == sqlite3.SQLITE_FULL
+
+
+def disk_full_error() -> RegistryError:
+    """What a request that needs the cache to store a blob gets while its disk is full."""
+    return RegistryError(errors.UNAVAILABLE, "the cache's disk is full")
 
 
 class _Abandoned(Exception):
@@ -334,7 +339,7 @@ class BlobFetcher:
         digest = download.digest
         if _disk_full(exc):
             self._disk_filled((download.size or 0) - download.written)
-            error: Exception = RegistryError(errors.UNAVAILABLE, "the cache's disk is full")
+            error: Exception = disk_full_error()
         elif isinstance(exc, UpstreamError):
             error = upstream_failure(exc, errors.BLOB_UNKNOWN)
         else:

@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from proxy.cache import open_cache
+from proxy.errors import RegistryError
 from proxy.manifest import OCI_INDEX, OCI_MANIFEST, Manifest
 from proxy.metrics import Metrics
 from proxy.reference import Digest
@@ -41,8 +42,10 @@ from proxy.sync.copy import children
 from proxy.sync.endpoints import Endpoints
 from proxy.sync.filters import SemverRange, TagFilter, Version, anchored, select
 from proxy.sync.progress import SILENT, Bars
+from proxy.sync.remote import Remote
 from proxy.sync.retention import to_retire
 from proxy.sync.schedule import Cron, Every, parse_schedule
+from proxy.sync.targets import CacheDestination
 from proxy.sync.template import Template, TemplateError
 from proxy.sync.worker import Worker
 from tests.conftest import CREDS, StartProxy, refused_start
@@ -901,6 +904,26 @@ async def test_creds_log_in_and_throttle_for_entries_into_the_cache(
         throttle = endpoints.source(sync_config.entries[0]).throttle
         await endpoints.close()
     assert (throttle.per_second, throttle.concurrent) == (50, 1)
+
+
+async def test_a_copy_into_a_cache_whose_disk_is_full_fails_saying_so(
+    tmp_path: Path, upstream: Registry
+) -> None:
+    """While the disk is full the cache hands out uncached transfers; a sync copy must fail
+    with the reason, not pass for done (it would store nothing) nor crash on the transfer."""
+    wanted = image(tmp_path, "wanted", 17)
+    push(wanted, upstream.host, "app", "v1")
+    config = tmp_path / "registry-cache.yml"
+    config.write_text(
+        yaml.safe_dump({**one_upstream(upstream), "storage": {"root": str(tmp_path / "data")}})
+    )
+    async with open_cache(load_settings(config, env={}), Metrics()) as cache:
+        cache.fetcher.write_failed(OSError(errno.ENOSPC, "No space left on device"), 1)
+        destination = CacheDestination(cache, "test.local", "app")
+        source = Remote("test.local", cache.upstreams["test.local"])
+        with pytest.raises(RegistryError, match="disk is full"):
+            await destination.copy(source, "app", wanted.digest, "v1", ())
+        assert await cache.metadata.tag("test.local", "app", "v1") is None
 
 
 def test_regsync_workshop_file_runs_against_local_registries(

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Final, Protocol
 
+from proxy.blobfetch import DirectTransfer, disk_full_error
 from proxy.cache import Cache, LocalBlob
 from proxy.errors import UpstreamError, UpstreamNotFound
 from proxy.manifest import ACCEPT_ALL, OCI_INDEX, OCI_MANIFEST, Manifest
@@ -283,6 +284,11 @@ class CacheDestination:
             blob = await self.cache.blob(self.target, child)
             if isinstance(blob, LocalBlob):
                 continue
+            if isinstance(blob, DirectTransfer):
+                # The disk is full, and the cache hands out uncached transfers: one would
+                # store nothing, and the copy must not pass for done.
+                await blob.close()
+                raise disk_full_error()
             size = descriptor.get("size")
             total = size if isinstance(size, int) else None
             async for chunk in progress.track(short(str(child)), total, blob.read()):
