@@ -332,9 +332,7 @@ async def serving(settings: Settings) -> AsyncIterator[Service]:
         # A corrupt database would stop every start: a fresh one is rebuilt from the store
         # (the reconciliation adopts every file that verifies).
         cache_settings = settings if sync is None else with_sync_logins(settings, sync.config)
-        cache = await stack.enter_async_context(
-            open_cache(cache_settings, metrics, set_aside_corrupt=True)
-        )
+        cache = await stack.enter_async_context(open_cache(cache_settings, metrics, owner=True))
         await reconcile(cache.store, cache.metadata)
         service = Service(settings, authenticator, cache, metrics, sync)
         traffic = service.status.history

@@ -118,10 +118,15 @@ class BlobFetcher:
         store: BlobStore,
         metadata: Metadata,
         cache_write_timeout: float,
+        *,
+        parks_partials: bool = False,
     ) -> None:
+        """`parks_partials`: whether cut downloads are parked under `partial/` and resumed
+        from there; the server's fetcher only, whose cleaner budgets those files."""
         self.store = store
         self.metadata = metadata
         self.cache_write_timeout = cache_write_timeout
+        self.parks_partials = parks_partials
         self.downloads: dict[Digest, BlobDownload] = {}
         # Downloads recorded in the metadata but not yet out of `downloads`: their bytes are in
         # the metadata's totals already, and must not count as incoming as well.
@@ -129,7 +134,7 @@ class BlobFetcher:
         self._tasks: set[asyncio.Task[None]] = set()
         # Cut downloads to continue from, oldest first: parked on disk, so a restart keeps them.
         self._partials: OrderedDict[Digest, Path] = OrderedDict()
-        for parked in reversed(store.partials()):
+        for parked in reversed(store.partials()) if parks_partials else ():
             self._keep_partial(parked.digest, parked.path)
         self._disk_full_until = 0.0
         # Told when a download learned its size, and when one landed: the cleaner's cue to
@@ -344,7 +349,11 @@ class BlobFetcher:
             error = upstream_failure(exc, errors.BLOB_UNKNOWN)
         else:
             error = exc
-        resumable = isinstance(exc, errors.UpstreamUnavailable) and download.written > 0
+        resumable = (
+            self.parks_partials
+            and isinstance(exc, errors.UpstreamUnavailable)
+            and download.written > 0
+        )
         download.fail(error, keep_partial=resumable)
         if resumable:
             try:

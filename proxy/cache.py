@@ -99,13 +99,18 @@ class Cache:
         metadata: Metadata,
         upstreams: Mapping[str, UpstreamClient],
         metrics: Metrics,
+        *,
+        owner: bool = False,
     ) -> None:
+        """`owner`: whether this is the server, which owns the data directory's working files."""
         self.settings = settings
         self.metrics = metrics
         self.store = store
         self.metadata = metadata
         self.upstreams = upstreams
-        self.fetcher = BlobFetcher(store, metadata, settings.cache_write_timeout)
+        self.fetcher = BlobFetcher(
+            store, metadata, settings.cache_write_timeout, parks_partials=owner
+        )
         self._manifest_flights: SingleFlight[tuple[object, ...], Manifest] = SingleFlight(
             on_join=metrics.coalesced.labels("manifest").inc
         )
@@ -547,15 +552,16 @@ def _stands_in(exc: UpstreamError) -> bool:
 
 @asynccontextmanager
 async def open_cache(
-    settings: Settings, metrics: Metrics, *, set_aside_corrupt: bool = False
+    settings: Settings, metrics: Metrics, *, owner: bool = False
 ) -> AsyncIterator[Cache]:
     """The cache of a data directory with its upstream clients, closed on exit: for the server
     and for commands that run beside (or without) it; SQLite in WAL mode lets both in. The
-    server (`set_aside_corrupt`) first moves a corrupt database aside, to be rebuilt: only the
-    process that owns the data may, not a command beside it."""
+    server (`owner`) first moves a corrupt database aside, to be rebuilt, and resumes and parks
+    cut downloads under `partial/`: only the process that owns the data may, not a command
+    beside it (two processes resuming one file would interleave their writes)."""
     store = BlobStore(settings.storage_root)
     metadata = Metadata(store.root / DATABASE_FILE)
-    if set_aside_corrupt:
+    if owner:
         await asyncio.to_thread(set_aside_if_corrupt, metadata.path)
     await metadata.open()
     upstreams = {
@@ -567,7 +573,7 @@ async def open_cache(
         )
         for name, upstream in settings.upstreams.items()
     }
-    cache = Cache(settings, store, metadata, upstreams, metrics)
+    cache = Cache(settings, store, metadata, upstreams, metrics, owner=owner)
     try:
         yield cache
     finally:

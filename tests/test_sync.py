@@ -926,6 +926,27 @@ async def test_a_copy_into_a_cache_whose_disk_is_full_fails_saying_so(
         assert await cache.metadata.tag("test.local", "app", "v1") is None
 
 
+def test_a_sync_beside_the_server_leaves_its_parked_downloads_alone(
+    tmp_path: Path, upstream: Registry
+) -> None:
+    """A cut download parked under `partial/` is the server's to resume or drop: a command run
+    beside it (its cleaner budgets those files, its fetcher may be resuming one) fetches on
+    its own instead of taking the file over."""
+    wanted = image(tmp_path, "wanted", 18)
+    push(wanted, upstream.host, "app", "v1")
+    layer = wanted.layers[0]
+    start = wanted.blob_bytes(layer)[:1000]
+    parked = tmp_path / "c" / "data" / "partial" / layer.replace(":", "-")
+    parked.parent.mkdir(parents=True)
+    parked.write_bytes(start)
+
+    config = {"sync": [{"source": "test.local/app:v1", "type": "image"}]}
+    result = sync(tmp_path / "c", one_upstream(upstream), config, "once")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert layer.removeprefix("sha256:") in blob_files(tmp_path / "c" / "data")
+    assert parked.read_bytes() == start
+
+
 def test_regsync_workshop_file_runs_against_local_registries(
     tmp_path: Path, basic_upstream: Registry, target: Registry
 ) -> None:
