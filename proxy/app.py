@@ -54,7 +54,7 @@ __all__ = ["AccessLogger", "Service", "access_logger", "serving"]
 
 log = logging.getLogger(__name__)
 
-_ACCESS_FLUSH_INTERVAL: Final = 5.0
+_BOOKKEEPING_INTERVAL: Final = 5.0
 _CLIENT_CLOSED_REQUEST: Final = 499
 _LABELLED_METHODS: Final = READ_METHODS | WRITE_METHODS | {"OPTIONS"}
 """Methods counted by name; any other token a client sends is counted as "other", so that
@@ -182,14 +182,18 @@ def _route_label(path: str) -> str:
     return "catalog" if path == "/v2/_catalog" else "base" if path in ("/v2", "/v2/") else "other"
 
 
-async def _flush_access_times(metadata: Metadata) -> None:
-    """Write batched access times every few seconds: no database write per request."""
+async def _keep_books(metadata: Metadata, cleaner: Cleaner) -> None:
+    """Every few seconds: write the batched access times (no database write per request), and
+    read the totals again, which a command beside the server (`sync once`, `clean`) may have
+    changed, so that the budget and the metrics follow what is really stored."""
     while True:
-        await asyncio.sleep(_ACCESS_FLUSH_INTERVAL)
+        await asyncio.sleep(_BOOKKEEPING_INTERVAL)
         try:
             await metadata.flush_access_times()
+            await metadata.refresh_totals()
         except Exception:
-            log.exception("writing access times failed")
+            log.exception("writing access times or reading the totals failed")
+        cleaner.nudge()
 
 
 def _watch(metrics: Metrics, cache: Cache) -> None:
@@ -234,7 +238,7 @@ async def _background(
     cache.fetcher.on_disk_full = cleaner.make_room
     tasks = [
         asyncio.create_task(cleaner.serve(), name="cleaner"),
-        asyncio.create_task(_flush_access_times(cache.metadata), name="access-times"),
+        asyncio.create_task(_keep_books(cache.metadata, cleaner), name="bookkeeping"),
         asyncio.create_task(traffic.run(), name="traffic-history"),
     ]
     if sync is not None:

@@ -882,6 +882,26 @@ def test_sync_into_the_cache_pins_against_the_cleaner(tmp_path: Path, upstream: 
         assert evicted.returncode != 0
 
 
+def test_the_server_keeps_its_budget_when_a_sync_beside_it_stores(
+    tmp_path: Path, upstream: Registry
+) -> None:
+    """What another process stores (`sync once` beside the server) counts against the budget
+    within seconds, not at the next scheduled pass (an hour here)."""
+    wanted = image(tmp_path, "wanted", 19)
+    push(wanted, upstream.host, "app", "v1")
+    budget = {"maxsize": "1K", "threshold_percentage": 0, "runevery": "1h"}
+    proxy = Proxy(tmp_path / "proxy", {**one_upstream(upstream), "cleaner": budget})
+    proxy.config_path.write_text(yaml.safe_dump(proxy.config))
+    with proxy:
+        config = {"sync": [{"source": "test.local/app:v1", "type": "image"}]}
+        result = sync(proxy.workdir, {}, config, "once")
+        assert result.returncode == 0, result.stdout + result.stderr
+        wait_for(lambda: proxy.metric("evicted_items_total") > 0, "the server to evict")
+        assert proxy.metric("cache_size_bytes") <= 1000
+        stored = wanted.total_blob_size + len(wanted.raw)
+        assert proxy.metric("evicted_bytes_total") >= stored - 1000
+
+
 async def test_creds_log_in_and_throttle_for_entries_into_the_cache(
     tmp_path: Path, basic_upstream: Registry
 ) -> None:
