@@ -446,6 +446,11 @@ class Metadata:
 
         await self._run(replace)
 
+    async def add_pins(self, owner: str, digests: Iterable[str]) -> None:
+        """Add `digests` (and what they refer to, once recorded) to what `owner` protects."""
+        rows = [(digest, owner) for digest in digests]
+        await self._run(lambda db: db.executemany("INSERT OR IGNORE INTO pins VALUES (?, ?)", rows))
+
     async def pin_owners(self) -> list[str]:
         """Everyone who pins something (the sync worker drops owners no longer configured)."""
 

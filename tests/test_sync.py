@@ -1072,6 +1072,41 @@ def test_the_server_runs_its_sync_entries(
     assert shown["last_run"] <= time.time() < shown["next_run"] <= time.time() + 3600
 
 
+def test_a_pinned_entry_is_held_from_the_start_of_its_copy(
+    tmp_path: Path, upstream: Registry, start_proxy: StartProxy
+) -> None:
+    """With a budget smaller than what a pinned entry holds, the server's cleaner runs while
+    the entry copies; it must not take the entry's first image before the entry pins it."""
+    first, second = image(tmp_path, "first", 20), image(tmp_path, "second", 21)
+    push(first, upstream.host, "mirrored", "one")
+    push(second, upstream.host, "mirrored", "two")
+    sync_file = tmp_path / "sync.yml"
+    entry = {"source": "test.local/mirrored", "type": "repository", "pin": True}
+    sync_file.write_text(yaml.safe_dump({"defaults": {"interval": "1h"}, "sync": [entry]}))
+    proxy = start_proxy(
+        {
+            **one_upstream(upstream),
+            "cleaner": {"maxsize": "1K", "threshold_percentage": 0},
+            "sync": {"config": str(sync_file)},
+        }
+    )
+    name = "test.local/mirrored -> cache/test.local/mirrored"
+    wait_for(
+        lambda: (
+            sum(
+                proxy.metric("sync_runs_total", f'entry="{name}",result="{result}"')
+                for result in ("ok", "failed")
+            )
+            > 0
+        ),
+        "the first sync run",
+    )
+    assert proxy.metric("sync_runs_total", f'entry="{name}",result="ok"') == 1, proxy.log()
+    held = {b.removeprefix("sha256:") for i in (first, second) for b in i.blobs}
+    assert held <= blob_files(proxy.data)
+    assert proxy.metric("evicted_items_total") == 0
+
+
 # -- progress ---------------------------------------------------------------------------------
 
 

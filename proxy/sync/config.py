@@ -30,6 +30,7 @@ from .template import Template, TemplateError
 
 __all__ = [
     "DEFAULT_MEDIA_TYPES",
+    "PIN_OWNER_PREFIX",
     "Cred",
     "Entry",
     "RateLimitPolicy",
@@ -37,6 +38,9 @@ __all__ = [
     "SyncConfig",
     "load_sync_config",
 ]
+
+# The prefix of the pin owners the sync worker manages (`sync:` and the entry's name).
+PIN_OWNER_PREFIX = "sync:"
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +176,11 @@ class Entry:
     @property
     def to_cache(self) -> bool:
         return isinstance(self.target, CacheRef)
+
+    @property
+    def pin_owner(self) -> str:
+        """Who the entry's pins belong to in the cache's database."""
+        return PIN_OWNER_PREFIX + self.name
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,7 +110,8 @@ class Endpoints:
         if isinstance(target, CacheRef):
             if self.cache is None:
                 raise ValueError("a cache target needs the cache")
-            return CacheDestination(self.cache, target.upstream, target.repository)
+            pin_owner = entry.pin_owner if entry.pin else None
+            return CacheDestination(self.cache, target.upstream, target.repository, pin_owner)
         assert isinstance(target, Ref)
         return RegistryDestination(
             self.remote(target.registry, "target"),

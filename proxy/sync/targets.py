@@ -226,8 +226,13 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
 class CacheDestination:
     """A repository of one of the cache's upstreams: filled as if a client had pulled."""
 
-    def __init__(self, cache: Cache, upstream: str, repository: str) -> None:
+    def __init__(
+        self, cache: Cache, upstream: str, repository: str, pin_owner: str | None = None
+    ) -> None:
+        """`pin_owner`: who pins what this copies (a `pin: true` entry), from before it is
+        fetched, so that no cleaner pass takes an image before the entry pins its tags."""
         self.cache = cache
+        self.pin_owner = pin_owner
         self.target = Target(upstream, repository, f"{upstream}/{repository}")
         self.description = f"cache/{upstream}/{repository}"
 
@@ -253,6 +258,9 @@ class CacheDestination:
         progress: Progress = SILENT,
     ) -> int:
         """Fetch the image through the cache (what it holds already is not fetched again)."""
+        if self.pin_owner is not None:
+            # Added to the owner's pins; the entry replaces the set with its tags' when done.
+            await self.cache.metadata.add_pins(self.pin_owner, [digest])
         fetched = await self._fetch(Digest.parse(digest), tuple(platforms), progress)
         if tag is not None:
             await self._set_tag(tag, digest)

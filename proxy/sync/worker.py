@@ -20,7 +20,7 @@ from proxy.metadata import Metadata
 from proxy.metrics import Metrics
 
 from .attached import Attachments
-from .config import Entry, SyncConfig
+from .config import PIN_OWNER_PREFIX, Entry, SyncConfig
 from .copy import children, is_index
 from .endpoints import Endpoints
 from .filters import select
@@ -35,7 +35,6 @@ __all__ = ["EntryResult", "Worker"]
 log = logging.getLogger("registry_cache.sync")
 
 Sleep = Callable[[float], Awaitable[None]]
-PIN_OWNER_PREFIX = "sync:"
 
 
 def event(name: str, **fields: object) -> None:
@@ -336,13 +335,13 @@ class Worker:
         """Protect what the entry's tags name now; what left the set is unpinned."""
         assert self.metadata is not None
         digests = [d for tag in tags if (d := await destination.digest(tag)) is not None]
-        await self.metadata.set_pins(PIN_OWNER_PREFIX + entry.name, digests)
+        await self.metadata.set_pins(entry.pin_owner, digests)
 
     async def _drop_stale_pins(self) -> None:
         """Entries removed from the configuration no longer protect anything."""
         if self.metadata is None or self.dry_run:
             return
-        current = {PIN_OWNER_PREFIX + e.name for e in self.config.entries if e.pin}
+        current = {e.pin_owner for e in self.config.entries if e.pin}
         for owner in await self.metadata.pin_owners():
             if owner.startswith(PIN_OWNER_PREFIX) and owner not in current:
                 await self.metadata.set_pins(owner, [])
