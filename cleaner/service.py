@@ -161,6 +161,7 @@ class Cleaner:
             except sqlite3.OperationalError as exc:
                 # On a full disk even SQLite cannot write; evicting (files first) makes room.
                 log.warning("evicting with access times not yet written: %s", exc)
+            chosen_at = time.time()
             pinned = await self.metadata.pinned_size()
             total, _ = await self.metadata.totals()
             # The items' total, the downloads in flight and the parked partials are read in one
@@ -187,14 +188,18 @@ class Cleaner:
             candidates = await self.metadata.eviction_candidates()
             victims = choose_victims(candidates, total, target, self.in_use)
             for victim in victims:
-                if dry_run or await self._evict(victim):
+                if dry_run or await self._evict(victim, chosen_at):
                     report.victims.append(victim)
             if not dry_run:
                 self._record(report, time.monotonic() - started)
             return report
 
-    async def _evict(self, victim: Candidate) -> bool:
-        """Delete the file and its records; nothing in between lets a request see half."""
+    async def _evict(self, victim: Candidate, chosen_at: float) -> bool:
+        """Delete the file and its records; nothing in between lets a request see half. An
+        item used since the victims were chosen (a pull of an old image, begun while a long
+        pass evicts it) is left: the pull gets its whole image."""
+        if await self.metadata.used_since(victim.digest, chosen_at):
+            return False
         if self.in_use(victim.digest):
             return False
         # The check above and the unlink run without yielding to the event loop, so no

@@ -216,6 +216,17 @@ def _hold(db: sqlite3.Connection, upstream: str, repository: str, digest: str) -
     return _below(db, digest)
 
 
+def _above(db: sqlite3.Connection, digest: str) -> list[str]:
+    """`digest` and every manifest or index that names it, directly or through another."""
+    rows = db.execute(
+        "WITH RECURSIVE above (digest) AS ("
+        "  SELECT ? UNION SELECT parent FROM children JOIN above ON child = above.digest"
+        ") SELECT digest FROM above",
+        (digest,),
+    )
+    return [row[0] for row in rows]
+
+
 def _below(db: sqlite3.Connection, digest: str) -> list[str]:
     """`digest` and every item it names, and they name, as far as the database knows."""
     rows = db.execute(
@@ -508,6 +519,19 @@ class Metadata:
     def touch(self, digest: str) -> None:
         """Record a use; written by the next `flush_access_times`, not now."""
         self._pending_access[digest] = time.time()
+
+    async def used_since(self, digest: str, since: float) -> bool:
+        """Whether `digest`, or an image that holds it, was used after `since` (time.time()):
+        as written by a flush (which refreshes whole images), or still waiting for one."""
+        pending = {used for used, when in self._pending_access.items() if when >= since}
+
+        def check(db: sqlite3.Connection) -> bool:
+            row = db.execute("SELECT accessed_at FROM items WHERE digest = ?", (digest,)).fetchone()
+            if row is not None and row[0] >= since:
+                return True
+            return bool(pending) and not pending.isdisjoint(_above(db, digest))
+
+        return await self._run(check)
 
     async def flush_access_times(self) -> int:
         """Write the collected access times, and those of the items they refer to, in one go.

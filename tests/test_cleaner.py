@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from cleaner.service import Cleaner
-from proxy.metadata import ItemRecord, Metadata
+from proxy.metadata import Candidate, ItemRecord, Metadata
 from proxy.metrics import Metrics
 from proxy.settings import CleanerSettings, ConfigError, load_settings
 from proxy.store import BlobStore
@@ -274,6 +274,33 @@ async def test_a_download_landing_during_a_pass_counts_once(
         assert remaining == {newer, landing}
     finally:
         serving.cancel()
+        await metadata.close()
+
+
+async def test_an_image_pulled_while_a_pass_evicts_it_is_left_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass chooses its victims once and evicts them one by one; a client that starts
+    pulling one of those images meanwhile must find all of it, layers not yet asked for too."""
+    metadata = Metadata(tmp_path / "metadata.db")
+    await metadata.open()
+    manifest, layer = f"sha256:{'e' * 64}", f"sha256:{'f' * 64}"
+    await metadata.add_item(ItemRecord(layer, "blob", 1000, None), None)
+    await metadata.add_item(ItemRecord(manifest, "manifest", 100, None), None, [layer])
+    cleaner = Cleaner(CleanerSettings(max_size=10_000), BlobStore(tmp_path / "store"), metadata)
+    choose = metadata.eviction_candidates
+
+    async def chosen_then_pulled() -> list[Candidate]:
+        chosen = await choose()
+        metadata.touch(manifest)  # a client asks for the image now
+        return chosen
+
+    monkeypatch.setattr(metadata, "eviction_candidates", chosen_then_pulled)
+    try:
+        report = await cleaner.clean(max_size=0)
+        assert report.victims == []
+        assert {item.digest for item in await metadata.items()} == {manifest, layer}
+    finally:
         await metadata.close()
 
 
