@@ -213,26 +213,17 @@ def _hold(db: sqlite3.Connection, upstream: str, repository: str, digest: str) -
         " WHERE EXISTS (SELECT 1 FROM items WHERE digest = ?)",
         (upstream, repository, digest, digest),
     )
-    return _below(db, digest)
+    return _reachable(db, digest, up=False)
 
 
-def _above(db: sqlite3.Connection, digest: str) -> list[str]:
-    """`digest` and every manifest or index that names it, directly or through another."""
+def _reachable(db: sqlite3.Connection, digest: str, *, up: bool) -> list[str]:
+    """`digest` and, as far as the database knows, every item it names and they name (down),
+    or every manifest or index that names it, directly or through another (up)."""
+    step, link = ("parent", "child") if up else ("child", "parent")
     rows = db.execute(
-        "WITH RECURSIVE above (digest) AS ("
-        "  SELECT ? UNION SELECT parent FROM children JOIN above ON child = above.digest"
-        ") SELECT digest FROM above",
-        (digest,),
-    )
-    return [row[0] for row in rows]
-
-
-def _below(db: sqlite3.Connection, digest: str) -> list[str]:
-    """`digest` and every item it names, and they name, as far as the database knows."""
-    rows = db.execute(
-        "WITH RECURSIVE below (digest) AS ("
-        "  SELECT ? UNION SELECT child FROM children JOIN below ON parent = below.digest"
-        ") SELECT digest FROM below",
+        "WITH RECURSIVE reached (digest) AS ("
+        f"  SELECT ? UNION SELECT {step} FROM children JOIN reached ON {link} = reached.digest"
+        ") SELECT digest FROM reached",
         (digest,),
     )
     return [row[0] for row in rows]
@@ -529,7 +520,7 @@ class Metadata:
             row = db.execute("SELECT accessed_at FROM items WHERE digest = ?", (digest,)).fetchone()
             if row is not None and row[0] >= since:
                 return True
-            return bool(pending) and not pending.isdisjoint(_above(db, digest))
+            return bool(pending) and not pending.isdisjoint(_reachable(db, digest, up=True))
 
         return await self._run(check)
 
