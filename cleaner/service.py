@@ -204,9 +204,7 @@ class Cleaner:
             return False
         # The check above and the unlink run without yielding to the event loop, so no
         # request can start reading this file in between.
-        digest = Digest.parse(victim.digest)
-        had_file = self.store.size(digest) is not None
-        self.store.delete(digest)
+        had_file = self.store.delete(Digest.parse(victim.digest))
         try:
             await self.metadata.remove_item(victim.digest)
         except sqlite3.OperationalError as exc:

@@ -140,16 +140,14 @@ class BlobStore:
             self._recent.put(digest, data)
         return data
 
-    def delete(self, digest: Digest) -> int:
-        """Remove a blob; returns the bytes freed (0 when it was not there)."""
+    def delete(self, digest: Digest) -> bool:
+        """Remove a blob; whether there was one to remove."""
         self._recent.discard(digest)
-        path = self.path(digest)
         try:
-            size = path.stat().st_size
-            path.unlink()
+            self.path(digest).unlink()
         except FileNotFoundError:
-            return 0
-        return size
+            return False
+        return True
 
     def scan(self) -> tuple[dict[Digest, Path], list[Path]]:
         """Every file under `blobs/`: those at their digest's path, and strays. Walks the disk."""
