@@ -440,18 +440,21 @@ class Metadata:
 
     async def set_pins(self, owner: str, digests: Iterable[str]) -> None:
         """Make `digests` (and what they refer to) the whole set `owner` protects."""
-        rows = [(digest, owner) for digest in digests]
-
-        def replace(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM pins WHERE owner = ?", (owner,))
-            db.executemany("INSERT OR IGNORE INTO pins VALUES (?, ?)", rows)
-
-        await self._run(replace)
+        await self._pin(owner, digests, replace=True)
 
     async def add_pins(self, owner: str, digests: Iterable[str]) -> None:
         """Add `digests` (and what they refer to, once recorded) to what `owner` protects."""
+        await self._pin(owner, digests, replace=False)
+
+    async def _pin(self, owner: str, digests: Iterable[str], *, replace: bool) -> None:
         rows = [(digest, owner) for digest in digests]
-        await self._run(lambda db: db.executemany("INSERT OR IGNORE INTO pins VALUES (?, ?)", rows))
+
+        def write(db: sqlite3.Connection) -> None:
+            if replace:
+                db.execute("DELETE FROM pins WHERE owner = ?", (owner,))
+            db.executemany("INSERT OR IGNORE INTO pins VALUES (?, ?)", rows)
+
+        await self._run(write)
 
     async def pin_owners(self) -> list[str]:
         """Everyone who pins something (the sync worker drops owners no longer configured)."""
