@@ -184,16 +184,16 @@ def _route_label(path: str) -> str:
 
 async def _keep_books(metadata: Metadata, cleaner: Cleaner) -> None:
     """Every few seconds: write the batched access times (no database write per request), and
-    read the totals again, which a command beside the server (`sync once`, `clean`) may have
-    changed, so that the budget and the metrics follow what is really stored."""
+    follow what a command beside the server (`sync once`, `clean`) stored or evicted, so that
+    the budget and the metrics follow what is really stored."""
     while True:
         await asyncio.sleep(_BOOKKEEPING_INTERVAL)
         try:
             await metadata.flush_access_times()
-            await metadata.refresh_totals()
+            if await metadata.follow_other_writers():
+                cleaner.nudge()
         except Exception:
             log.exception("writing access times or reading the totals failed")
-        cleaner.nudge()
 
 
 def _watch(metrics: Metrics, cache: Cache) -> None:

@@ -245,6 +245,8 @@ class Metadata:
         # The sum of all item sizes, kept current so the hot path can compare it to the budget.
         self.total_size = 0
         self.total_items = 0
+        # SQLite's data_version at the last `follow_other_writers`.
+        self._seen_version: int | None = None
 
     async def _run(self, function: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
@@ -398,15 +400,31 @@ class Metadata:
         """Bytes and number of items the database knows."""
 
         def select(db: sqlite3.Connection) -> tuple[int, int]:
-            size, count = db.execute(
-                "SELECT coalesce(sum(size), 0), count(*) FROM items"
-            ).fetchone()
+            size, count = db.execute(_TOTALS).fetchone()
             return int(size), int(count)
 
         return await self._run(select)
 
     async def refresh_totals(self) -> None:
         self.total_size, self.total_items = await self.totals()
+
+    async def follow_other_writers(self) -> bool:
+        """Read the totals again if another process (`sync once`, `clean` beside the server)
+        has committed since the last look, and say whether it had: SQLite's data_version
+        changes only with other connections' commits, so an idle look costs no scan."""
+
+        def select(db: sqlite3.Connection) -> tuple[int, int] | None:
+            (version,) = db.execute("PRAGMA data_version").fetchone()
+            if version == self._seen_version:
+                return None
+            self._seen_version = version
+            size, count = db.execute(_TOTALS).fetchone()
+            return int(size), int(count)
+
+        totals = await self._run(select)
+        if totals is not None:
+            self.total_size, self.total_items = totals
+        return totals is not None
 
     async def items(self) -> list[ItemRecord]:
         def select(db: sqlite3.Connection) -> list[ItemRecord]:
