@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from proxy.metadata import Metadata
 from tests.support.proxy import Proxy
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
@@ -16,6 +17,17 @@ from tests.support.tokenserver import TokenServer
 USERS = {"alice": "wonderland"}
 """The one account every authenticated upstream knows."""
 CREDS = "alice:wonderland"
+
+
+@pytest.fixture
+async def metadata(tmp_path: Path) -> AsyncIterator[Metadata]:
+    """The cache's database, empty, opened in the test's directory and closed after it."""
+    opened = Metadata(tmp_path / "metadata.db")
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
 
 
 @pytest.fixture

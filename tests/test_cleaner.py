@@ -200,10 +200,8 @@ def test_a_download_in_flight_makes_room_before_it_lands(
 
 
 async def test_the_cleaner_outlives_a_failed_database_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, metadata: Metadata, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    metadata = Metadata(tmp_path / "metadata.db")
-    await metadata.open()
     settings = CleanerSettings(max_size=1000, run_every=3600)
     cleaner = Cleaner(settings, BlobStore(tmp_path), metadata)
     read_totals = metadata.totals
@@ -229,16 +227,13 @@ async def test_the_cleaner_outlives_a_failed_database_read(
     finally:
         serving.cancel()
         waiting.cancel()
-        await metadata.close()
 
 
 async def test_a_download_landing_during_a_pass_counts_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, metadata: Metadata, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A pass started for a download in flight must not count it twice when it lands during
     the pass (as the items' total, and in the room kept for it): that evicted a used image."""
-    metadata = Metadata(tmp_path / "metadata.db")
-    await metadata.open()
     older, newer, landing = (f"sha256:{hex_digit * 64}" for hex_digit in "abc")
     for digest in (older, newer):
         await metadata.add_item(ItemRecord(digest, "blob", 1050, None), None)
@@ -274,16 +269,13 @@ async def test_a_download_landing_during_a_pass_counts_once(
         assert remaining == {newer, landing}
     finally:
         serving.cancel()
-        await metadata.close()
 
 
 async def test_an_image_pulled_while_a_pass_evicts_it_is_left_whole(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, metadata: Metadata, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A pass chooses its victims once and evicts them one by one; a client that starts
     pulling one of those images meanwhile must find all of it, layers not yet asked for too."""
-    metadata = Metadata(tmp_path / "metadata.db")
-    await metadata.open()
     manifest, layer = f"sha256:{'e' * 64}", f"sha256:{'f' * 64}"
     await metadata.add_item(ItemRecord(layer, "blob", 1000, None), None)
     await metadata.add_item(ItemRecord(manifest, "manifest", 100, None), None, [layer])
@@ -296,12 +288,9 @@ async def test_an_image_pulled_while_a_pass_evicts_it_is_left_whole(
         return chosen
 
     monkeypatch.setattr(metadata, "eviction_candidates", chosen_then_pulled)
-    try:
-        report = await cleaner.clean(max_size=0)
-        assert report.victims == []
-        assert {item.digest for item in await metadata.items()} == {manifest, layer}
-    finally:
-        await metadata.close()
+    report = await cleaner.clean(max_size=0)
+    assert report.victims == []
+    assert {item.digest for item in await metadata.items()} == {manifest, layer}
 
 
 def test_eviction_racing_a_reader_never_gives_a_short_200(

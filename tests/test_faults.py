@@ -211,21 +211,19 @@ def test_a_repository_its_upstream_refuses_loses_what_it_was_granted(
     assert (status, json.loads(body)["errors"][0]["code"]) == (403, "DENIED")
 
 
-async def test_a_refusal_outranks_a_confirmation_already_under_way(tmp_path: Path) -> None:
+async def test_a_refusal_outranks_a_confirmation_already_under_way(
+    tmp_path: Path, metadata: Metadata
+) -> None:
     """A grant (a HEAD's confirmation) whose database work was queued just before a revoke
     must not add itself back after the revoke: the repository stays refused."""
-    metadata = Metadata(tmp_path / "metadata.db")
-    await metadata.open()
-    try:
-        digest = f"sha256:{'d' * 64}"
-        await metadata.add_item(ItemRecord(digest, "blob", 10, None), None)
-        await asyncio.gather(
-            metadata.hold("test.local", "app", digest), metadata.revoke("test.local", "app")
-        )
-        assert not metadata.granted("test.local", "app", digest)
-    finally:
-        await metadata.close()
-    reopened = Metadata(tmp_path / "metadata.db")
+    digest = f"sha256:{'d' * 64}"
+    await metadata.add_item(ItemRecord(digest, "blob", 10, None), None)
+    await asyncio.gather(
+        metadata.hold("test.local", "app", digest), metadata.revoke("test.local", "app")
+    )
+    assert not metadata.granted("test.local", "app", digest)
+    await metadata.close()
+    reopened = Metadata(metadata.path)
     await reopened.open()
     try:
         assert not reopened.granted("test.local", "app", digest)
